@@ -1,0 +1,49 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+# Both create .venv and install everything on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is installed on its own, pinned, so pip never reaches for a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: serve test lint typecheck unit proto bench demo clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python tools/gen_proto.py
+
+evalstream/v1/service_pb2.py: $(STAMP) $(wildcard proto/evalstream/v1/*.proto)
+	$(BIN)/python tools/gen_proto.py
+
+serve: evalstream/v1/service_pb2.py
+	$(BIN)/evalstream serve
+
+demo: evalstream/v1/service_pb2.py
+	$(BIN)/evalstream demo
+
+lint: evalstream/v1/service_pb2.py
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd proto && ../$(BIN)/buf lint
+
+typecheck: evalstream/v1/service_pb2.py
+	$(BIN)/mypy
+
+unit: evalstream/v1/service_pb2.py
+	tools/ensure_prometheus.sh
+	$(BIN)/python -m pytest -q -rs
+
+test: lint typecheck unit
+
+bench: evalstream/v1/service_pb2.py
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) evalstream/v1 build *.egg-info

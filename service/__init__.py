@@ -1,0 +1,1 @@
+"""The evalstream server: gRPC servicer, ingest, store, exporter; ``engine`` is the pure metric library."""

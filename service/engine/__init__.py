@@ -1,0 +1,22 @@
+"""The metric engine: pure (no gRPC, no storage), tensors in, records out, metrics from records.
+
+``ChunkReducer`` turns a chunk of scores into per-sample ``Records`` in one
+fused pass; ``compute_metrics`` turns merged records into a ``MetricReport``.
+"""
+
+from .config import DEFAULT_INVERSE_TEMPERATURES, EngineConfig
+from .errors import ChunkError
+from .records import Records
+from .registry import MetricInfo, direction, metric_infos
+from .report import MetricReport
+
+__all__ = [
+    "DEFAULT_INVERSE_TEMPERATURES",
+    "ChunkError",
+    "EngineConfig",
+    "MetricInfo",
+    "MetricReport",
+    "Records",
+    "direction",
+    "metric_infos",
+]

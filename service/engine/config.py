@@ -1,0 +1,55 @@
+"""What the engine computes, fixed per evaluation so every chunk's records line up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Inverse temperatures 1/T. Dyadic fractions so that p**(1/T) follows from
+# square roots and products of p instead of one exponential per temperature
+# (see reducer.py); spans T = 0.25 ... 4.
+DEFAULT_INVERSE_TEMPERATURES: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the metric engine.
+
+    ``top_k``: the k of every reported top-k accuracy.
+    ``num_bins``: equal-width (and equal-mass) calibration bins.
+    ``inverse_temperatures``: grid for the temperature scan; must contain 1.0.
+    ``max_rank``: the label's rank is stored capped here (uint16 records).
+    ``device``: "auto" (CUDA when available), "cpu" or "cuda:N".
+    ``block_rows``: rows processed per fused pass; buffers are sized for it once.
+    ``top_confusions``: how many (label, prediction) pairs to report.
+    ``intra_op_threads``: torch threads for the CPU path (0 leaves torch's default).
+    """
+
+    top_k: tuple[int, ...] = (1, 5)
+    num_bins: int = 15
+    inverse_temperatures: tuple[float, ...] = DEFAULT_INVERSE_TEMPERATURES
+    max_rank: int = 65535
+    device: str = "auto"
+    block_rows: int = 1024
+    top_confusions: int = 20
+    intra_op_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.top_k or any(k < 1 for k in self.top_k):
+            raise ValueError(f"top_k must be a non-empty list of positive integers, got {self.top_k}")
+        if self.num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {self.num_bins}")
+        if 1.0 not in self.inverse_temperatures or any(a <= 0 for a in self.inverse_temperatures):
+            raise ValueError(
+                f"inverse_temperatures must be positive and contain 1.0, got {self.inverse_temperatures}"
+            )
+        if list(self.inverse_temperatures) != sorted(set(self.inverse_temperatures)):
+            raise ValueError("inverse_temperatures must be strictly increasing")
+        if not 1 <= self.max_rank <= 65535:
+            raise ValueError(f"max_rank must be in [1, 65535], got {self.max_rank}")
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """Temperatures T in increasing order."""
+        return tuple(1.0 / a for a in reversed(self.inverse_temperatures))

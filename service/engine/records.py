@@ -1,0 +1,188 @@
+"""Per-sample records: the compact, mergeable source of truth of an evaluation.
+
+A chunk of logits ([n, C] floats, 12 KB a sample at C=3,000) is reduced to one
+record per sample (under 100 bytes). Every metric is computed from records, so
+records from any chunks and ranks merge by concatenation, paired comparisons
+can line samples up by id, and the service checkpoints records instead of
+logits.
+
+Binary form (version 1), little-endian, no pickle::
+
+    magic   b"EVREC"            5 bytes
+    version uint8 = 1
+    hlen    uint32              length of the JSON header
+    header  JSON (utf-8)        {"n": int, "inverse_temperatures": [float...],
+                                 "fields": [[name, dtype, [dims...]], ...]}
+    arrays  raw bytes of each field in header order, C-contiguous
+
+Readers check magic, version, and that the payload length matches the header.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+MAGIC = b"EVREC"
+VERSION = 1
+NO_SAMPLE_ID = -1
+
+# name -> numpy dtype (little-endian). nll_t has a second axis (the temperature grid).
+FIELDS: dict[str, str] = {
+    "sample_id": "<i8",
+    "label": "<i4",
+    "pred": "<i4",
+    "rank": "<u2",
+    "nll": "<f4",
+    "confidence": "<f4",
+    "brier": "<f4",
+    "entropy": "<f4",
+    "nll_t": "<f4",
+}
+
+
+@dataclass
+class Records:
+    """Column arrays of length n (``nll_t`` is [n, G]).
+
+    ``sample_id``: -1 where the client sent no ids.
+    ``label``, ``pred``: class indices; ``pred`` is the top-1 prediction under
+    the label-favouring tie rule (``pred == label`` whenever ``rank == 0``).
+    ``rank``: number of classes with a strictly larger score than the label's,
+    capped at the engine's ``max_rank``.
+    ``nll``: logsumexp(z) - z_y. ``confidence``: max softmax probability.
+    ``brier``: sum_c (p_c - y_c)^2. ``entropy``: -sum_c p_c log p_c.
+    ``nll_t[:, j]``: NLL at temperature 1 / inverse_temperatures[j].
+    """
+
+    sample_id: npt.NDArray[np.int64]
+    label: npt.NDArray[np.int32]
+    pred: npt.NDArray[np.int32]
+    rank: npt.NDArray[np.uint16]
+    nll: npt.NDArray[np.float32]
+    confidence: npt.NDArray[np.float32]
+    brier: npt.NDArray[np.float32]
+    entropy: npt.NDArray[np.float32]
+    nll_t: npt.NDArray[np.float32]
+    inverse_temperatures: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        n = len(self.label)
+        for name in FIELDS:
+            arr = getattr(self, name)
+            if arr.shape[0] != n:
+                raise ValueError(f"records field {name} has {arr.shape[0]} rows, expected {n}")
+        if self.nll_t.ndim != 2 or self.nll_t.shape[1] != len(self.inverse_temperatures):
+            raise ValueError(
+                f"nll_t must be [n, {len(self.inverse_temperatures)}], got {list(self.nll_t.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @property
+    def has_sample_ids(self) -> bool:
+        return len(self) > 0 and bool(np.all(self.sample_id >= 0))
+
+    @property
+    def correct(self) -> npt.NDArray[np.bool_]:
+        """Top-1 correctness (rank 0 under the label-favouring tie rule)."""
+        return self.rank == 0
+
+    @classmethod
+    def empty(cls, inverse_temperatures: Sequence[float]) -> Records:
+        g = len(inverse_temperatures)
+        return cls(
+            **{name: np.empty((0, g) if name == "nll_t" else 0, dtype=dt) for name, dt in FIELDS.items()},
+            inverse_temperatures=np.asarray(inverse_temperatures, dtype=np.float64),
+        )
+
+    @classmethod
+    def concat(cls, parts: Iterable[Records], inverse_temperatures: Sequence[float] | None = None) -> Records:
+        """Merge records from any chunks and ranks (order does not change any metric)."""
+        parts = list(parts)
+        if not parts:
+            if inverse_temperatures is None:
+                raise ValueError("concat of no records needs the temperature grid")
+            return cls.empty(inverse_temperatures)
+        grid = parts[0].inverse_temperatures
+        for p in parts[1:]:
+            if not np.array_equal(p.inverse_temperatures, grid):
+                raise ValueError("cannot merge records computed on different temperature grids")
+        return cls(
+            **{name: np.concatenate([getattr(p, name) for p in parts]) for name in FIELDS},
+            inverse_temperatures=grid,
+        )
+
+    def take(self, index: npt.NDArray[np.integer] | npt.NDArray[np.bool_]) -> Records:
+        return Records(
+            **{name: getattr(self, name)[index] for name in FIELDS},
+            inverse_temperatures=self.inverse_temperatures,
+        )
+
+    def dedupe(self) -> tuple[Records, int]:
+        """Keep the first arrival of every sample id; records without ids are all kept.
+
+        DistributedSampler pads the last batch by repeating samples on some
+        ranks; counting them twice would bias every metric. Returns the kept
+        records (sorted by sample id where ids exist, so the result does not
+        depend on arrival order of distinct ids) and how many were dropped.
+        """
+        has_id = self.sample_id >= 0
+        if not has_id.any():
+            return self, 0
+        ids = self.sample_id[has_id]
+        # np.unique returns the index of the first occurrence of each id.
+        _, first = np.unique(ids, return_index=True)
+        keep = np.flatnonzero(has_id)[first]
+        dropped = int(has_id.sum()) - len(keep)
+        rest = np.flatnonzero(~has_id)
+        return self.take(np.concatenate([keep, rest])), dropped
+
+    def nbytes_per_sample(self) -> float:
+        """Size of one record in the binary form (the header aside)."""
+        return float(sum(np.dtype(FIELDS[n]).itemsize * int(np.prod(getattr(self, n).shape[1:])) for n in FIELDS))
+
+    def to_bytes(self) -> bytes:
+        header = {
+            "n": len(self),
+            "inverse_temperatures": [float(a) for a in self.inverse_temperatures],
+            "fields": [[name, FIELDS[name], list(getattr(self, name).shape[1:])] for name in FIELDS],
+        }
+        head = json.dumps(header, separators=(",", ":")).encode()
+        chunks = [MAGIC, struct.pack("<BI", VERSION, len(head)), head]
+        chunks += [np.ascontiguousarray(getattr(self, name), dtype=FIELDS[name]).tobytes() for name in FIELDS]
+        return b"".join(chunks)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> Records:
+        view = memoryview(data)
+        if bytes(view[:5]) != MAGIC:
+            raise ValueError("not an evalstream records blob (bad magic)")
+        version, hlen = struct.unpack_from("<BI", view, 5)
+        if version != VERSION:
+            raise ValueError(f"records blob version {version} is not supported (this build reads {VERSION})")
+        start = 5 + struct.calcsize("<BI")
+        header = json.loads(bytes(view[start : start + hlen]))
+        offset = start + hlen
+        n = int(header["n"])
+        arrays: dict[str, np.ndarray] = {}
+        for name, dtype, dims in header["fields"]:
+            if name not in FIELDS:
+                raise ValueError(f"records blob has unknown field {name!r}")
+            shape = (n, *dims)
+            count = int(np.prod(shape))
+            arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += arr.nbytes
+            arrays[name] = arr
+        if offset != len(view):
+            raise ValueError(f"records blob has {len(view) - offset} trailing bytes")
+        missing = set(FIELDS) - set(arrays)
+        if missing:
+            raise ValueError(f"records blob lacks fields {sorted(missing)}")
+        return cls(**arrays, inverse_temperatures=np.asarray(header["inverse_temperatures"], dtype=np.float64))

@@ -1,0 +1,45 @@
+"""The service's own Prometheus metrics (ingest, latency, errors).
+
+One ``Telemetry`` object per server, on its own ``CollectorRegistry`` so tests
+can run several servers in one process. Model-quality gauges are not here: they
+come from a custom collector reading the store at scrape time (exporter.py).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds; chunk work is sub-millisecond to tens of milliseconds.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.chunks = Counter("evalstream_ingest_chunks", "Chunks committed", registry=r)
+        self.samples = Counter("evalstream_ingest_samples", "Samples committed", registry=r)
+        self.bytes = Counter("evalstream_ingest_bytes", "Score tensor bytes received in committed chunks", registry=r)
+        self.duplicate_chunks = Counter(
+            "evalstream_ingest_duplicate_chunks", "Re-sent chunks acknowledged without counting them again", registry=r
+        )
+        self.rejected_chunks = Counter(
+            "evalstream_ingest_rejected_chunks", "Chunks refused, by reason", ["reason"], registry=r
+        )
+        self.decode_seconds = Histogram(
+            "evalstream_chunk_decode_seconds", "Time to decode a chunk's tensors", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.compute_seconds = Histogram(
+            "evalstream_chunk_compute_seconds",
+            "Time to reduce a chunk to per-sample records",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "evalstream_store_commit_seconds", "Time to durably commit a chunk", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.active_streams = Gauge("evalstream_active_streams", "Open StreamEvaluation calls", registry=r)
+        self.finalized = Counter("evalstream_evaluations_finalized", "Evaluations finalized", registry=r)
+        self.rpc_errors = Counter(
+            "evalstream_rpc_errors", "RPCs that ended with an error status", ["method", "code"], registry=r
+        )
