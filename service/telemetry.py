@@ -19,15 +19,22 @@ class Telemetry:
         r = self.registry
         self.chunks = Counter("evalstream_ingest_chunks", "Chunks committed", registry=r)
         self.samples = Counter("evalstream_ingest_samples", "Samples committed", registry=r)
-        self.bytes = Counter("evalstream_ingest_bytes", "Score tensor bytes received in committed chunks", registry=r)
+        self.bytes = Counter(
+            "evalstream_ingest_bytes", "Score tensor bytes received in committed chunks", registry=r
+        )
         self.duplicate_chunks = Counter(
-            "evalstream_ingest_duplicate_chunks", "Re-sent chunks acknowledged without counting them again", registry=r
+            "evalstream_ingest_duplicate_chunks",
+            "Re-sent chunks acknowledged without counting them again",
+            registry=r,
         )
         self.rejected_chunks = Counter(
             "evalstream_ingest_rejected_chunks", "Chunks refused, by reason", ["reason"], registry=r
         )
         self.decode_seconds = Histogram(
-            "evalstream_chunk_decode_seconds", "Time to decode a chunk's tensors", buckets=_LATENCY_BUCKETS, registry=r
+            "evalstream_chunk_decode_seconds",
+            "Time to decode a chunk's tensors",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_seconds = Histogram(
             "evalstream_chunk_compute_seconds",
@@ -36,7 +43,10 @@ class Telemetry:
             registry=r,
         )
         self.commit_seconds = Histogram(
-            "evalstream_store_commit_seconds", "Time to durably commit a chunk", buckets=_LATENCY_BUCKETS, registry=r
+            "evalstream_store_commit_seconds",
+            "Time to durably commit a chunk",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.active_streams = Gauge("evalstream_active_streams", "Open StreamEvaluation calls", registry=r)
         self.finalized = Counter("evalstream_evaluations_finalized", "Evaluations finalized", registry=r)
