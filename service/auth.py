@@ -297,21 +297,32 @@ class _TokenSource:
     def configured(self) -> bool:
         return self._path is not None or bool(self._env_digests)
 
+    def _read_file(self, path: Path) -> tuple[tuple[int, int], list[bytes]] | None:
+        """(stamp, digests) of the token file, or None when it has not changed since the last read."""
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp == self._stamp:
+                return None
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise SecurityConfigError(f"token file {path}: cannot read: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise SecurityConfigError(f"token file {path}: not UTF-8 text") from e
+        return stamp, [_digest(t) for t in parse_tokens(text, f"token file {path}")]
+
     def _load(self, *, initial: bool) -> None:
         assert self._path is not None
         try:
-            st = self._path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return
-            digests = [
-                _digest(t) for t in parse_tokens(_read(self._path, str(self._path)).decode(), str(self._path))
-            ]
-        except (OSError, SecurityConfigError, UnicodeDecodeError) as e:
+            loaded = self._read_file(self._path)
+        except SecurityConfigError as e:
             if initial:
-                raise SecurityConfigError(f"token file {self._path}: {e}") from e
-            log.error("token file %s could not be reloaded, keeping the previous tokens: %s", self._path, e)
+                raise
+            log.error("%s; keeping the previous tokens", e)
             return
+        if loaded is None:
+            return
+        stamp, digests = loaded
         self._file_digests, self._stamp = digests, stamp
         if not initial:
             log.info("token file %s reloaded: %d tokens", self._path, len(digests))

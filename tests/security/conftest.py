@@ -1,0 +1,143 @@
+"""Test PKI generated per session with ``cryptography``: no private key is ever committed.
+
+Two independent CAs: the trusted one signs the server certificate (SAN
+127.0.0.1 and localhost) and the good client certificate; the rogue one signs a
+client certificate the server must refuse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_ca_cert: Path
+    rogue_client_cert: Path
+    rogue_client_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _builder(
+    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+
+
+def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(cn, _name(cn), key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    cn: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *, server: bool
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        _builder(cn, ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca_cert = _ca("evalstream test CA")
+    server_key, server_cert = _leaf("evalstream server", ca_key, ca_cert, server=True)
+    client_key, client_cert = _leaf("trainer", ca_key, ca_cert, server=False)
+    rogue_ca_key, rogue_ca_cert = _ca("rogue CA")
+    rogue_key, rogue_cert = _leaf("trainer", rogue_ca_key, rogue_ca_cert, server=False)
+    return Pki(
+        ca_cert=_write_cert(d / "ca.pem", ca_cert),
+        server_cert=_write_cert(d / "server.pem", server_cert),
+        server_key=_write_key(d / "server.key", server_key),
+        client_cert=_write_cert(d / "client.pem", client_cert),
+        client_key=_write_key(d / "client.key", client_key),
+        rogue_ca_cert=_write_cert(d / "rogue-ca.pem", rogue_ca_cert),
+        rogue_client_cert=_write_cert(d / "rogue-client.pem", rogue_cert),
+        rogue_client_key=_write_key(d / "rogue-client.key", rogue_key),
+    )
+
+
+FULL_TOKEN = "full-token-0123456789abcdef0123456789abcdef"
+READ_ONLY_TOKEN = "read-only-token-0123456789abcdef0123456789"
+
+
+@pytest.fixture
+def token_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A full-token file and a read-only-token file, with a comment and a blank line each."""
+    full = tmp_path / "tokens"
+    full.write_text(f"# CI writers\n\n{FULL_TOKEN}\n")
+    read_only = tmp_path / "read-only-tokens"
+    read_only.write_text(f"{READ_ONLY_TOKEN}  # dashboards\n")
+    return full, read_only
