@@ -7,13 +7,18 @@ come from a custom collector reading the store at scrape time (exporter.py).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Seconds; chunk work is sub-millisecond to tens of milliseconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Telemetry:
+    """Counters, histograms and gauges the server updates as it works."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -53,3 +58,39 @@ class Telemetry:
         self.rpc_errors = Counter(
             "evalstream_rpc_errors", "RPCs that ended with an error status", ["method", "code"], registry=r
         )
+
+
+class MetricsEndpoint:
+    """A running /metrics HTTP endpoint; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and release the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to (host, port); an empty host means every interface."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address must be host:port, got {address!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def serve_metrics(address: str, registry: CollectorRegistry) -> MetricsEndpoint:
+    """Serve ``registry`` at http://address/metrics in a daemon thread.
+
+    Kept apart from the gRPC port so operators can bind it to an internal
+    interface; it only ever shows aggregate numbers, never request contents.
+    """
+    host, port = split_address(address)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsEndpoint(server, thread)

@@ -1,0 +1,51 @@
+"""The service's own metrics and the /metrics endpoint, over a real loopback HTTP socket."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from evalstream.service.exporter import QualityCollector
+from evalstream.service.status import FinalizedView, SeriesKey
+from evalstream.service.telemetry import Telemetry, serve_metrics, split_address
+
+from .sources import MemoryFinalized, MemoryProgress, make_result
+
+
+def test_split_address() -> None:
+    assert split_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert split_address("[::1]:9464") == ("::1", 9464)
+    assert split_address(":9464") == ("0.0.0.0", 9464)
+    with pytest.raises(ValueError, match="host:port"):
+        split_address("localhost")
+
+
+def test_endpoint_serves_telemetry_and_quality_gauges() -> None:
+    telemetry = Telemetry()
+    finalized = MemoryFinalized()
+    finalized.put(FinalizedView(SeriesKey("r", "m", "validation"), 3, 10.0, make_result(nll=0.75)))
+    telemetry.registry.register(QualityCollector(finalized=finalized, progress=MemoryProgress()))
+    telemetry.chunks.inc(3)
+    telemetry.rejected_chunks.labels(reason="label_out_of_range").inc()
+    telemetry.compute_seconds.observe(0.003)
+    telemetry.rpc_errors.labels(method="GetEvaluation", code="NOT_FOUND").inc()
+    endpoint = serve_metrics("127.0.0.1:0", telemetry.registry)
+    try:
+        assert endpoint.port > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    finally:
+        endpoint.close()
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert values[("evalstream_ingest_chunks_total", ())] == 3
+    assert values[("evalstream_ingest_rejected_chunks_total", (("reason", "label_out_of_range"),))] == 1
+    assert values[("evalstream_chunk_compute_seconds_bucket", (("le", "0.005"),))] == 1
+    assert values[("evalstream_chunk_compute_seconds_bucket", (("le", "0.0025"),))] == 0
+    assert values[("evalstream_rpc_errors_total", (("code", "NOT_FOUND"), ("method", "GetEvaluation")))] == 1
+    assert values[("evalstream_eval_nll", (("model", "m"), ("run", "r"), ("split", "validation")))] == 0.75
