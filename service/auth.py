@@ -140,7 +140,7 @@ def server_credentials(settings: object) -> grpc.ServerCredentials | None:
         raise SecurityConfigError("TLS needs both tls_cert_file and tls_key_file; only one is set")
     cert = _read(cfg.tls_cert_file, "tls_cert_file")
     key = _read(cfg.tls_key_file, "tls_key_file")
-    if b"-----BEGIN" not in cert or b"PRIVATE KEY-----" not in key:
+    if b"-----BEGIN CERTIFICATE-----" not in cert or b"PRIVATE KEY-----" not in key:
         raise SecurityConfigError(
             f"tls_cert_file {cfg.tls_cert_file} and tls_key_file {cfg.tls_key_file} must be PEM "
             "(a certificate chain and a private key)"

@@ -7,16 +7,25 @@ client certificate the server must refuse.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2_grpc
+
+from evalstream.v1 import service_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -141,3 +150,53 @@ def token_files(tmp_path: Path) -> tuple[Path, Path]:
     read_only = tmp_path / "read-only-tokens"
     read_only.write_text(f"{READ_ONLY_TOKEN}  # dashboards\n")
     return full, read_only
+
+
+class AioServer:
+    """A grpc.aio server on 127.0.0.1 in its own thread and event loop, for blocking test clients.
+
+    Serves the standard health service and the generated EvalStreamService base
+    servicer, which answers UNIMPLEMENTED: a call that gets UNIMPLEMENTED got
+    past the interceptors, so the interceptor is tested without any service logic.
+    """
+
+    def __init__(
+        self,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self._credentials = credentials
+        self._interceptors = list(interceptors)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def _start(self) -> None:
+        server = grpc.aio.server(interceptors=self._interceptors)
+        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+        service_pb2_grpc.add_EvalStreamServiceServicer_to_server(
+            service_pb2_grpc.EvalStreamServiceServicer(), server
+        )
+        if self._credentials is None:
+            self.port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = server.add_secure_port("127.0.0.1:0", self._credentials)
+        await server.start()
+        self._server = server
+
+    def __enter__(self) -> AioServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
