@@ -46,6 +46,8 @@ class EngineConfig:
             raise ValueError("inverse_temperatures must be strictly increasing")
         if not 1 <= self.max_rank <= 65535:
             raise ValueError(f"max_rank must be in [1, 65535], got {self.max_rank}")
+        if max(self.top_k) > self.max_rank:
+            raise ValueError(f"top_k {max(self.top_k)} exceeds max_rank {self.max_rank} (ranks are capped)")
         if self.block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
 

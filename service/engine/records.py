@@ -146,7 +146,9 @@ class Records:
 
     def nbytes_per_sample(self) -> float:
         """Size of one record in the binary form (the header aside)."""
-        return float(sum(np.dtype(FIELDS[n]).itemsize * int(np.prod(getattr(self, n).shape[1:])) for n in FIELDS))
+        return float(
+            sum(np.dtype(FIELDS[n]).itemsize * int(np.prod(getattr(self, n).shape[1:])) for n in FIELDS)
+        )
 
     def to_bytes(self) -> bytes:
         header = {
@@ -185,4 +187,6 @@ class Records:
         missing = set(FIELDS) - set(arrays)
         if missing:
             raise ValueError(f"records blob lacks fields {sorted(missing)}")
-        return cls(**arrays, inverse_temperatures=np.asarray(header["inverse_temperatures"], dtype=np.float64))
+        return cls(
+            **arrays, inverse_temperatures=np.asarray(header["inverse_temperatures"], dtype=np.float64)
+        )

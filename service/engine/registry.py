@@ -39,8 +39,12 @@ _STATIC: tuple[MetricInfo, ...] = (
     MetricInfo("balanced_accuracy", "Mean recall over classes present in the labels", True, True),
     MetricInfo("macro_precision", "Macro precision over classes present or predicted", True, True),
     MetricInfo("macro_f1", "Macro F1 over classes present or predicted", True, True),
-    MetricInfo("accuracy_head", "Top-1 accuracy on the most frequent classes (a third of samples)", True, True),
-    MetricInfo("accuracy_torso", "Top-1 accuracy on the middle third of samples by class frequency", True, True),
+    MetricInfo(
+        "accuracy_head", "Top-1 accuracy on the most frequent classes (a third of samples)", True, True
+    ),
+    MetricInfo(
+        "accuracy_torso", "Top-1 accuracy on the middle third of samples by class frequency", True, True
+    ),
     MetricInfo("accuracy_tail", "Top-1 accuracy on the rarest classes (a third of samples)", True, True),
     MetricInfo(
         "prediction_shift_tv",
@@ -60,7 +64,8 @@ def accuracy_name(k: int) -> str:
 def metric_infos(top_k: Iterable[int]) -> dict[str, MetricInfo]:
     """All metric descriptions for an engine reporting these top-k accuracies."""
     infos = {
-        accuracy_name(k): MetricInfo(accuracy_name(k), f"Top-{k} accuracy", True, True) for k in sorted(set(top_k))
+        accuracy_name(k): MetricInfo(accuracy_name(k), f"Top-{k} accuracy", True, True)
+        for k in sorted(set(top_k))
     }
     infos.update({m.name: m for m in _STATIC})
     return infos

@@ -1,0 +1,78 @@
+"""compute_metrics: every metric the service reports, from merged per-sample records.
+
+All sums are float64 over the float32 record columns. Nothing depends on the
+order of the records beyond float64 rounding (~1e-16 relative per term): the
+only order-sensitive step, the equal-mass bins, sorts by (confidence, correct)
+first. Definitions, conventions and peers are in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .calibration import calibration
+from .config import EngineConfig
+from .imbalance import imbalance
+from .records import Records
+from .report import LossSummary, MetricReport
+from .temperature import scan
+
+
+def running_summary(records: Records) -> tuple[float, int]:
+    """(sum of NLL, top-1 correct count): cheap live progress while an evaluation streams."""
+    return float(records.nll.sum(dtype=np.float64)), int(np.count_nonzero(records.rank == 0))
+
+
+def loss_summary(nll32: np.ndarray, correct: np.ndarray) -> LossSummary:
+    """Mean NLL, its percentiles (numpy's linear interpolation) and its split by top-1 correctness.
+    A group with no samples has mean 0 and share 0."""
+    n = len(nll32)
+    if n == 0:
+        return LossSummary(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    nll = nll32.astype(np.float64)
+    total = float(nll.sum())
+    right = float(nll[correct].sum())
+    wrong = float(nll[~correct].sum())
+    n_right = int(correct.sum())
+    n_wrong = n - n_right
+    p50, p90, p99 = (float(v) for v in np.percentile(nll, [50.0, 90.0, 99.0]))
+    return LossSummary(
+        mean=total / n,
+        p50=p50,
+        p90=p90,
+        p99=p99,
+        mean_correct=right / n_right if n_right else 0.0,
+        mean_wrong=wrong / n_wrong if n_wrong else 0.0,
+        share_correct=right / total if total > 0 else 0.0,
+        share_wrong=wrong / total if total > 0 else 0.0,
+    )
+
+
+def compute_metrics(
+    records: Records, num_classes: int, config: EngineConfig, *, dedupe: bool = True
+) -> MetricReport:
+    """The MetricReport of one evaluation. With ``dedupe`` the first arrival of each sample id counts."""
+    if not np.array_equal(records.inverse_temperatures, np.asarray(config.inverse_temperatures)):
+        raise ValueError("records were computed on a different temperature grid than the config's")
+    dropped = 0
+    if dedupe:
+        records, dropped = records.dedupe()
+    n = len(records)
+    if n and (int(records.label.max()) >= num_classes or int(records.pred.max()) >= num_classes):
+        raise ValueError(f"records hold class indices >= num_classes={num_classes}")
+    correct = records.rank == 0
+    top_k = {
+        k: (float(np.count_nonzero(records.rank < k)) / n if n else 0.0) for k in sorted(set(config.top_k))
+    }
+    return MetricReport(
+        num_samples=n,
+        num_classes=num_classes,
+        duplicates_dropped=dropped,
+        loss=loss_summary(records.nll, correct),
+        top_k=top_k,
+        calibration=calibration(records.confidence, correct, config.num_bins),
+        brier=float(records.brier.sum(dtype=np.float64)) / n if n else 0.0,
+        entropy=float(records.entropy.sum(dtype=np.float64)) / n if n else 0.0,
+        imbalance=imbalance(records.label, records.pred, correct, num_classes, config.top_confusions),
+        temperature=scan(records.nll_t, records.inverse_temperatures),
+    )

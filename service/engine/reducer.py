@@ -1,0 +1,229 @@
+"""ChunkReducer: a chunk of scores in, one compact record per sample out, in one fused pass.
+
+Per block of rows (z = scores upcast to float32, y = labels):
+
+    m, argmax   = max_c z_c                      (first index of the max)
+    rank        = #{c : z_c > z_y}               (strictly larger; capped at max_rank)
+    p           = softmax(z)                     (PyTorch's kernel, into a reused buffer)
+    conf        = p_argmax = 1 / S,  log S = -log conf,  S = sum_c exp(z_c - m)
+    nll         = (m - z_y) + log S
+    brier       = sum_c p_c^2 - 2 p_y + 1
+    entropy     = log S - sum_c p_c (z_c - m)
+    nll_t[a]    = a * nll + log sum_c p_c^a      (see powers.py)
+
+Buffers are allocated once, sized for ``rows`` rows, and reused for every block
+of every chunk: fresh full-size tensors per chunk cost page faults that
+dominate the arithmetic. The reducer keeps no other state, and every check
+runs before a record is returned, so a rejected chunk changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import EngineConfig
+from .errors import ChunkError
+from .powers import PowerPlan, plan
+from .records import FIELDS, NO_SAMPLE_ID, Records
+from .validate import locate_non_finite, validate
+
+# One [rows, C] float32 buffer stays at or under this size (rows shrink for huge C).
+BUFFER_BYTES = 16 << 20
+# Log-probability rows may exceed log(1) = 0 by this much in logsumexp (rounding in the sender).
+LOG_PROB_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """ "auto" is CUDA when available, else CPU; "cpu" and "cuda:N" are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"engine device {spec!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"engine device must be 'auto', 'cpu' or 'cuda:N', got {spec!r}")
+    return dev
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_c a[r, c] * b[r, c] per row, without materialising the product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class ChunkReducer:
+    """Reduces chunks of one evaluation (fixed class count and config) to Records.
+
+    ``score_kind`` is "logits" or "log_probabilities". The arithmetic is the same
+    (softmax is shift-invariant, and log-probabilities are logits whose
+    logsumexp is 0); for log-probabilities each row's logsumexp must be at most
+    a small tolerance above 0, else the chunk is rejected.
+
+    Use from one thread at a time.
+    """
+
+    def __init__(self, num_classes: int, config: EngineConfig, score_kind: str = "logits") -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if score_kind not in ("logits", "log_probabilities"):
+            raise ValueError(f"score_kind must be 'logits' or 'log_probabilities', got {score_kind!r}")
+        self.num_classes = num_classes
+        self.config = config
+        self.score_kind = score_kind
+        self.device = resolve_device(config.device)
+        self.rows = max(1, min(config.block_rows, BUFFER_BYTES // (4 * num_classes)))
+        self.plan: PowerPlan = plan(config.inverse_temperatures)
+        self.grid = np.asarray(config.inverse_temperatures, dtype=np.float64)
+        if config.intra_op_threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(config.intra_op_threads)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._staging: dict[torch.dtype, torch.Tensor] = {}
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def _buf(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A [rows, C] scratch buffer, allocated on first use and reused after."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = torch.empty((self.rows, self.num_classes), dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf
+
+    def _stage(self, block: torch.Tensor) -> torch.Tensor:
+        """Copy a CPU block to the device through a pinned buffer (async H2D)."""
+        staging = self._staging.get(block.dtype)
+        if staging is None:
+            staging = torch.empty((self.rows, self.num_classes), dtype=block.dtype, pin_memory=True)
+            self._staging[block.dtype] = staging
+        b = block.shape[0]
+        staging[:b].copy_(block)
+        dev = self._buf("device_in_" + str(block.dtype).rsplit(".", 1)[-1], block.dtype)[:b]
+        dev.copy_(staging[:b], non_blocking=True)
+        return dev
+
+    # -- public --------------------------------------------------------------------------------
+
+    def reduce(self, scores: object, labels: object, sample_ids: object = None) -> Records:
+        """Records for one chunk; ``ChunkError`` (and nothing else changed) on bad input."""
+        chunk = validate(scores, labels, sample_ids, self.num_classes)
+        n = chunk.labels.shape[0]
+        grid = self.config.inverse_temperatures
+        if n == 0:
+            return Records.empty(grid)
+        g = len(grid)
+        # Output columns, filled block by block on the device: nll, conf, brier, entropy, nll_t...
+        floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
+        ints = torch.empty((n, 2), dtype=torch.int32, device=self.device)
+        labels_dev = chunk.labels.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            for start in range(0, n, self.rows):
+                end = min(n, start + self.rows)
+                self._reduce_block(
+                    chunk.scores[start:end], labels_dev[start:end], start, floats[start:end], ints[start:end]
+                )
+        floats_np = floats.cpu().numpy()
+        ints_np = ints.cpu().numpy()
+        ids = (
+            chunk.sample_ids.numpy().astype(FIELDS["sample_id"], copy=True)
+            if chunk.sample_ids is not None
+            else np.full(n, NO_SAMPLE_ID, dtype=FIELDS["sample_id"])
+        )
+        return Records(
+            sample_id=ids,
+            label=chunk.labels.numpy().astype(FIELDS["label"]),
+            pred=ints_np[:, 0].copy(),
+            rank=np.minimum(ints_np[:, 1], self.config.max_rank).astype(FIELDS["rank"]),
+            nll=floats_np[:, 0].copy(),
+            confidence=floats_np[:, 1].copy(),
+            brier=floats_np[:, 2].copy(),
+            entropy=floats_np[:, 3].copy(),
+            nll_t=np.ascontiguousarray(floats_np[:, 4:]),
+            inverse_temperatures=self.grid.copy(),
+        )
+
+    # -- the fused pass ------------------------------------------------------------------------
+
+    def _upcast(self, block: torch.Tensor) -> torch.Tensor:
+        """The block as contiguous float32 on the device, copying only when needed."""
+        if block.device != self.device:
+            block = self._stage(block) if self.device.type == "cuda" else block.to(self.device)
+        if block.dtype == torch.float32 and block.is_contiguous():
+            return block
+        z = self._buf("z")[: block.shape[0]]
+        z.copy_(block)
+        return z
+
+    def _reduce_block(
+        self, raw: torch.Tensor, y: torch.Tensor, offset: int, out_f: torch.Tensor, out_i: torch.Tensor
+    ) -> None:
+        b = raw.shape[0]
+        z = self._upcast(raw)
+        yy = y.unsqueeze(1)
+        m, amax = torch.max(z, dim=1)
+        zy = z.gather(1, yy).squeeze(1)
+        mask = self._buf("mask", torch.bool)[:b]
+        torch.gt(z, zy.unsqueeze(1), out=mask)
+        rank = mask.sum(dim=1)
+        p = torch.softmax(z, 1, out=self._buf("p")[:b])
+        conf = p.gather(1, amax.unsqueeze(1)).squeeze(1)
+        log_s = -torch.log(conf)
+        nll = (m - zy) + log_s
+        p_y = p.gather(1, yy).squeeze(1)
+        sum_p2 = _rowdot(p, p)
+        brier = sum_p2 - 2.0 * p_y + 1.0
+        d = torch.sub(z, m.unsqueeze(1), out=self._buf("d")[:b])
+        entropy = log_s - _rowdot(p, d)
+
+        if not bool(torch.isfinite(nll).all() & torch.isfinite(entropy).all()):
+            raise locate_non_finite(raw, offset)
+        if self.score_kind == "log_probabilities":
+            lse = m + log_s
+            tol = LOG_PROB_TOLERANCE[raw.dtype]
+            over = lse > tol
+            if bool(over.any()):
+                r = int(over.nonzero()[0, 0])
+                raise ChunkError(
+                    "log_probabilities_invalid",
+                    f"row {offset + r} has logsumexp {float(lse[r]):.6g} > {tol} (probabilities sum to "
+                    f"{float(torch.exp(lse[r])):.6g}); send logits or normalised log-probabilities",
+                )
+
+        out_f[:, 0] = nll
+        out_f[:, 1] = conf
+        out_f[:, 2] = brier
+        out_f[:, 3] = entropy
+        self._temperatures(z, zy, p, sum_p2, nll, out_f[:, 4:])
+        out_i[:, 0] = torch.where(rank == 0, y, amax).to(torch.int32)
+        out_i[:, 1] = rank.clamp_(max=self.config.max_rank).to(torch.int32)
+
+    def _temperatures(
+        self,
+        z: torch.Tensor,
+        zy: torch.Tensor,
+        p: torch.Tensor,
+        sum_p2: torch.Tensor,
+        nll: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """nll_t[:, j] for every grid point, from powers of p (see powers.py)."""
+        b = p.shape[0]
+        bases: dict[float, torch.Tensor] = {1.0: p}
+        if self.plan.needs_sqrt:
+            bases[0.5] = torch.sqrt(p, out=self._buf("p_half")[:b])
+        if self.plan.needs_quarter:
+            bases[0.25] = torch.sqrt(bases[0.5], out=self._buf("p_quarter")[:b])
+        if self.plan.needs_square:
+            bases[2.0] = torch.mul(p, p, out=self._buf("p_sq")[:b])
+        for j, term in enumerate(self.plan.terms):
+            a = term.a
+            if term.kind == "one":
+                out[:, j] = nll
+            elif term.kind == "direct":
+                scaled = torch.mul(z, a, out=self._buf("scaled")[:b])
+                out[:, j] = torch.logsumexp(scaled, dim=1) - a * zy
+            else:
+                if term.kind == "sum":
+                    s = sum_p2 if a == 2.0 else bases[a].sum(dim=1)
+                else:
+                    s = _rowdot(bases[term.left], bases[term.right])
+                out[:, j] = a * nll + torch.log(s)
