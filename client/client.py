@@ -1,0 +1,271 @@
+"""``EvalClient``: what a training job imports to stream scores and read results.
+
+One client holds one gRPC channel; any number of evaluation streams (one per
+rank and model) share it. Read calls (get/list/compare) retry on
+``UNAVAILABLE`` so a server restart during a job is invisible to the caller.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+import grpc
+
+from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
+
+from .errors import EvalStreamError, EvaluationTimeout
+from .stream import EvaluationStream, OnRejection, StreamOptions
+from .transport import DEFAULT_MAX_MESSAGE_BYTES, MIB, RetryPolicy, TLSConfig, call_with_retry, make_channel
+
+DEFAULT_TARGET = "localhost:50051"
+T = TypeVar("T")
+
+_SCORE_KINDS = {
+    "logits": evaluation_pb2.SCORE_KIND_LOGITS,
+    "log_probabilities": evaluation_pb2.SCORE_KIND_LOG_PROBABILITIES,
+}
+
+
+class EvalClient:
+    """A connection to an evalstream server.
+
+    ``credentials``: ``None`` (plaintext), a ``TLSConfig`` with PEM paths (TLS
+    or mutual TLS), or ready ``grpc.ChannelCredentials``. ``token``: sent as
+    ``authorization: Bearer <token>`` on every call. ``timeout``: seconds per
+    read call. ``max_message_bytes``: the largest message this client sends;
+    keep it at or below the server's ``max_message_bytes``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        credentials: grpc.ChannelCredentials | TLSConfig | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: Sequence[tuple[str, int | str]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_message_bytes = max_message_bytes
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = make_channel(target, credentials, max_message_bytes, builtins.list(channel_options))
+        self._stub = service_pb2_grpc.EvalStreamServiceStub(self._channel)
+
+    def __enter__(self) -> EvalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; streams still open on it fail."""
+        self._channel.close()
+
+    # ------------------------------------------------------------- streaming
+
+    def evaluation(
+        self,
+        *,
+        run: str,
+        model: str,
+        num_classes: int,
+        step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "",
+        dataset_size: int = 0,
+        score_kind: Literal["logits", "log_probabilities"] = "logits",
+        pin: bool = False,
+        chunk_bytes: int = MIB,
+        max_buffer_bytes: int = 256 * MIB,
+        max_inflight_chunks: int = 32,
+        on_rejection: OnRejection = "raise",
+        copy: bool = True,
+        open_timeout: float | None = 60.0,
+    ) -> EvaluationStream:
+        """Open this rank's shard of an evaluation and return the stream to ``add()`` batches to.
+
+        Every rank of a ``world_size``-rank job opens its own shard with the
+        same run/model/split/step; the evaluation finalizes when all ranks
+        have closed. ``chunk_bytes``: target size of one message (~1 MiB is
+        fastest through gRPC Python). ``max_buffer_bytes``: host copies queued
+        before ``add()`` blocks. ``max_inflight_chunks``: chunks sent and kept
+        for replay until acknowledged. ``on_rejection``: ``"raise"`` raises
+        ``ChunkRejectedError`` on the next ``add()``/``close()``; ``"collect"``
+        only records them in ``stream.rejections``. ``copy=False`` lets host
+        arrays already in a wire dtype be sent without a copy (do not modify
+        them until ``close()``). Raises ``EvalStreamError`` if the server
+        refuses the shard (e.g. world size or class count disagree).
+        """
+        if chunk_bytes < 1 or max_buffer_bytes < 1 or max_inflight_chunks < 1:
+            raise ValueError("chunk_bytes, max_buffer_bytes and max_inflight_chunks must be positive")
+        if on_rejection not in ("raise", "collect"):
+            raise ValueError(f'on_rejection must be "raise" or "collect", got {on_rejection!r}')
+        key = evaluation_pb2.EvaluationKey(run=run, model=model, split=split, step=step)
+        open_request = service_pb2.OpenShard(
+            key=key,
+            rank=rank,
+            world_size=world_size,
+            num_classes=num_classes,
+            dataset_size=dataset_size,
+            score_kind=_SCORE_KINDS[score_kind],
+            pin=pin,
+        )
+        options = StreamOptions(
+            chunk_bytes=chunk_bytes,
+            max_message_bytes=self.max_message_bytes,
+            max_buffer_bytes=max_buffer_bytes,
+            max_inflight_chunks=max_inflight_chunks,
+            on_rejection=on_rejection,
+            copy=copy,
+            retry=self.retry,
+            open_timeout=open_timeout,
+        )
+        return EvaluationStream(
+            self._stub,
+            open_request,
+            self._metadata,
+            options,
+            waiter=lambda timeout: self.wait_for(run, model, step=step, split=split, timeout=timeout),
+            get_evaluation=lambda: self.get(run, model, step=step, split=split),
+        )
+
+    # ----------------------------------------------------------------- reads
+
+    def get(
+        self, run: str, model: str, step: int | None = None, split: str = "", include_per_class: bool = False
+    ) -> evaluation_pb2.Evaluation:
+        """One evaluation (the latest step when ``step`` is None), with its result once finalized."""
+        request = service_pb2.GetEvaluationRequest(
+            ref=_ref(run, model, split, step), include_per_class=include_per_class
+        )
+        return self._unary("GetEvaluation", self._stub.GetEvaluation, request).evaluation
+
+    def list(
+        self, run: str = "", model: str = "", split: str = "", limit: int | None = None
+    ) -> builtins.list[evaluation_pb2.Evaluation]:
+        """Evaluations matching the filters, newest first, following pages up to ``limit``."""
+        out: builtins.list[evaluation_pb2.Evaluation] = []
+        token = ""
+        while True:
+            page_size = 0 if limit is None else min(1000, limit - len(out))
+            request = service_pb2.ListEvaluationsRequest(
+                run=run, model=model, split=split, page_size=page_size, page_token=token
+            )
+            response = self._unary("ListEvaluations", self._stub.ListEvaluations, request)
+            out.extend(response.evaluations)
+            token = response.next_page_token
+            if not token or (limit is not None and len(out) >= limit):
+                return out if limit is None else out[:limit]
+
+    def compare(
+        self,
+        run: str = "",
+        models: Sequence[str] = (),
+        *,
+        candidates: Sequence[evaluation_pb2.EvaluationRef] = (),
+        split: str = "",
+        step: int | None = None,
+        primary_metric: str = "",
+        bootstrap_replicates: int = 0,
+        confidence_level: float = 0.0,
+        seed: int = 0,
+        gate: compare_pb2.Gate | None = None,
+        timeout: float | None = None,
+    ) -> service_pb2.CompareModelsResponse:
+        """Compare models of a run (the latest step of each, or ``step``), or explicit ``candidates``.
+
+        With neither ``models`` nor ``candidates``, the server compares the
+        latest evaluation of every model of ``run``. Zero/empty options take
+        the server's defaults.
+        """
+        refs = builtins.list(candidates) + [_ref(run, m, split, step) for m in models]
+        request = service_pb2.CompareModelsRequest(
+            candidates=refs,
+            run=run if not refs else "",
+            split=split,
+            primary_metric=primary_metric,
+            bootstrap_replicates=bootstrap_replicates,
+            confidence_level=confidence_level,
+            seed=seed,
+            gate=gate,
+        )
+        return self._unary(
+            "CompareModels", self._stub.CompareModels, request, timeout or max(self.timeout, 120.0)
+        )
+
+    def finalize(self, run: str, model: str, step: int = 0, split: str = "") -> evaluation_pb2.Evaluation:
+        """Finalize now from the ranks committed so far, without waiting for the others to close."""
+        key = evaluation_pb2.EvaluationKey(run=run, model=model, split=split, step=step)
+        request = service_pb2.FinalizeEvaluationRequest(key=key)
+        return self._unary("FinalizeEvaluation", self._stub.FinalizeEvaluation, request).evaluation
+
+    def pin(
+        self, run: str, model: str, step: int = 0, split: str = "", pinned: bool = True
+    ) -> evaluation_pb2.Evaluation:
+        """Keep (or stop keeping) an evaluation's per-sample records past retention."""
+        key = evaluation_pb2.EvaluationKey(run=run, model=model, split=split, step=step)
+        request = service_pb2.PinEvaluationRequest(key=key, pinned=pinned)
+        return self._unary("PinEvaluation", self._stub.PinEvaluation, request).evaluation
+
+    def metrics(self) -> service_pb2.ListMetricsResponse:
+        """Metric names the server computes, with their direction, and its default primary metric."""
+        return self._unary("ListMetrics", self._stub.ListMetrics, service_pb2.ListMetricsRequest())
+
+    def wait_for(
+        self,
+        run: str,
+        model: str,
+        step: int = 0,
+        split: str = "",
+        timeout: float | None = None,
+        poll_s: float = 0.05,
+    ) -> evaluation_pb2.Evaluation:
+        """Poll until the evaluation is finalized; ``EvaluationTimeout`` after ``timeout`` seconds.
+
+        A not-yet-existing evaluation is waited for too (other ranks may not
+        have opened their shards yet).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = poll_s
+        last = "not found"
+        while True:
+            try:
+                evaluation = self.get(run, model, step=step, split=split)
+                if evaluation.state == evaluation_pb2.EVALUATION_STATE_FINALIZED:
+                    return evaluation
+                last = f"{evaluation.ranks_closed}/{evaluation.world_size} ranks closed"
+            except EvalStreamError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise EvaluationTimeout(
+                    f"{run}/{model} step {step} not finalized within {timeout} s ({last})"
+                )
+            time.sleep(interval)
+            interval = min(1.0, interval * 1.5)
+
+    def _unary(self, name: str, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        def once() -> T:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
+        try:
+            return call_with_retry(once, self.retry)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise EvalStreamError(f"{name}: {code.name if code else 'ERROR'}: {details}", code) from exc
+
+
+def _ref(run: str, model: str, split: str, step: int | None) -> evaluation_pb2.EvaluationRef:
+    ref = evaluation_pb2.EvaluationRef(run=run, model=model, split=split)
+    if step is not None:
+        ref.step = step
+    return ref

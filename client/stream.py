@@ -1,0 +1,474 @@
+"""One rank's shard of an evaluation: host copies in, chunk messages out, from a background thread.
+
+The caller's thread only validates, copies to host and enqueues (``add``).
+The sender thread turns queued batches into ~1 MiB chunk messages, keeps every
+chunk until the server acknowledges it as durably committed, and on a dropped
+connection reopens the shard and replays what was not acknowledged. Two
+bounds keep memory flat: bytes queued for encoding (``add`` blocks beyond
+``max_buffer_bytes``: backpressure) and chunks sent but unacknowledged
+(``max_inflight_chunks``).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grpc
+
+from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+
+from .errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
+from .tensors import HostBatch, PinnedPool, encode_chunk, rows_per_chunk, score_itemsize, to_host_batch
+from .transport import RETRYABLE, RetryPolicy
+
+OnRejection = Literal["raise", "collect"]
+
+
+@dataclass
+class StreamStats:
+    """Counters for the caller and for tests: what the stream did, not what the server holds."""
+
+    samples_added: int = 0
+    samples_sent: int = 0
+    chunks_sent: int = 0
+    reconnects: int = 0
+    replayed_chunks: int = 0
+    backpressure_waits: int = 0
+    backpressure_seconds: float = 0.0
+    max_queued_bytes: int = 0
+    max_inflight_chunks: int = 0
+
+
+@dataclass
+class StreamOptions:
+    """How a shard is streamed; see ``EvalClient.evaluation`` for each field's meaning."""
+
+    chunk_bytes: int
+    max_message_bytes: int
+    max_buffer_bytes: int
+    max_inflight_chunks: int
+    on_rejection: OnRejection
+    copy: bool
+    retry: RetryPolicy
+    open_timeout: float | None
+
+
+class _StreamEnded(Exception):
+    """The server ended the stream without a shard summary; reopening tells where things stand."""
+
+
+@dataclass
+class _Session:
+    """One StreamEvaluation call; a reconnect starts a new one."""
+
+    broken: bool = False
+    error: BaseException | None = None
+    progressed: bool = False
+    close_sent: bool = False
+
+
+class EvaluationStream:
+    """Streams one rank's scores to an evaluation; use as a context manager or call ``close()``.
+
+    Leaving the ``with`` block normally closes the shard (``summary`` then holds
+    the server's ShardSummary). Leaving it with an exception aborts: the stream
+    is cancelled and the shard stays open, so a restarted rank can resume it.
+    Not thread-safe: one thread calls ``add``.
+    """
+
+    def __init__(
+        self,
+        stub: service_pb2_grpc.EvalStreamServiceStub,
+        open_request: service_pb2.OpenShard,
+        metadata: tuple[tuple[str, str], ...],
+        options: StreamOptions,
+        waiter: Callable[[float | None], evaluation_pb2.Evaluation],
+        get_evaluation: Callable[[], evaluation_pb2.Evaluation],
+    ) -> None:
+        self._stub = stub
+        self._open = open_request
+        self._metadata = metadata
+        self._opt = options
+        self._waiter = waiter
+        self._get_evaluation = get_evaluation
+        self._pool = PinnedPool()
+        self.stats = StreamStats()
+        self.rejections: list[service_pb2.ChunkRejection] = []
+        self._unreported: list[service_pb2.ChunkRejection] = []
+        self._cv = threading.Condition()
+        self._batches: collections.deque[HostBatch] = collections.deque()
+        self._queued_bytes = 0
+        self._cur: HostBatch | None = None
+        self._cur_row = 0
+        self._next_seq = 0
+        self._unacked: collections.OrderedDict[int, service_pb2.StreamEvaluationRequest] = (
+            collections.OrderedDict()
+        )
+        self._samples_committed = 0
+        self._opened: service_pb2.ShardOpened | None = None
+        self.resumed_from: int | None = None
+        self._close_requested = False
+        self._aborted = False
+        self._summary: service_pb2.ShardSummary | None = None
+        self._error: EvalStreamError | None = None
+        self._call: Any = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"evalstream-rank{open_request.rank}", daemon=True
+        )
+        self._thread.start()
+        self._wait_opened()
+
+    # ----------------------------------------------------------- caller side
+
+    @property
+    def evaluation_id(self) -> str:
+        return self._opened.evaluation_id if self._opened is not None else ""
+
+    @property
+    def samples_committed(self) -> int:
+        """Samples of this shard the server has durably committed (acknowledged)."""
+        with self._cv:
+            return self._samples_committed
+
+    @property
+    def summary(self) -> service_pb2.ShardSummary | None:
+        """The server's summary once the shard is closed."""
+        return self._summary
+
+    def add(self, scores: Any, labels: Any, sample_ids: Any = None) -> None:
+        """Queue one batch: [n, C] scores (logits or log-probabilities), [n] labels, optional [n] ids.
+
+        Takes a host copy (asynchronous for CUDA tensors) and returns; blocks
+        only while more than ``max_buffer_bytes`` wait to be sent. Raises the
+        stream's failure, or (``on_rejection="raise"``) the server's in-band
+        rejection of an earlier chunk.
+        """
+        self._raise_if_failed(include_rejections=True)
+        if self._close_requested or self._aborted:
+            raise EvalStreamError("add() after close() or abort()")
+        batch = to_host_batch(
+            scores,
+            labels,
+            sample_ids,
+            num_classes=self._open.num_classes,
+            copy=self._opt.copy,
+            pool=self._pool,
+        )
+        if batch.rows == 0:
+            batch.release()
+            return
+        with self._cv:
+            waited = False
+            start = time.perf_counter()
+            while (
+                self._queued_bytes > 0
+                and self._queued_bytes + batch.nbytes > self._opt.max_buffer_bytes
+                and self._error is None
+            ):
+                waited = True
+                self._cv.wait()
+            if waited:
+                self.stats.backpressure_waits += 1
+                self.stats.backpressure_seconds += time.perf_counter() - start
+            if self._error is None:
+                self._batches.append(batch)
+                self._queued_bytes += batch.nbytes
+                self.stats.samples_added += batch.rows
+                self.stats.max_queued_bytes = max(self.stats.max_queued_bytes, self._queued_bytes)
+                self._cv.notify_all()
+        self._raise_if_failed(include_rejections=False)
+
+    def close(self, timeout: float | None = None) -> service_pb2.ShardSummary:
+        """Send what is queued, close the shard and return the server's ShardSummary.
+
+        Idempotent. Raises ``EvaluationTimeout`` if the summary does not arrive
+        within ``timeout`` seconds (the stream keeps going in the background),
+        ``ChunkRejectedError`` (carrying the summary) for unreported rejections
+        when ``on_rejection="raise"``.
+        """
+        with self._cv:
+            if self._aborted:
+                raise EvalStreamError("close() after abort()")
+            self._close_requested = True
+            self._cv.notify_all()
+            done = self._cv.wait_for(lambda: self._summary is not None or self._error is not None, timeout)
+        if not done:
+            raise EvaluationTimeout(f"shard of rank {self._open.rank} did not close within {timeout} s")
+        self._thread.join()
+        self._raise_if_failed(include_rejections=False)
+        assert self._summary is not None
+        pending = self._take_unreported()
+        if pending and self._opt.on_rejection == "raise":
+            raise ChunkRejectedError(pending, self._summary)
+        return self._summary
+
+    def abort(self) -> None:
+        """Stop sending and cancel the stream without closing the shard (it can be resumed)."""
+        with self._cv:
+            self._aborted = True
+            call = self._call
+            self._cv.notify_all()
+        if call is not None:
+            call.cancel()
+        self._thread.join()
+        for batch in self._batches:
+            batch.release()
+        self._batches.clear()
+
+    def result(self, timeout: float | None = None) -> evaluation_pb2.Evaluation:
+        """Wait until the evaluation (all ranks) is finalized and return it with its merged result."""
+        return self._waiter(timeout)
+
+    def __enter__(self) -> EvaluationStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _wait_opened(self) -> None:
+        with self._cv:
+            ok = self._cv.wait_for(
+                lambda: self._opened is not None or self._error is not None, self._opt.open_timeout
+            )
+        if not ok:
+            self.abort()
+            raise EvaluationTimeout(f"could not open the shard within {self._opt.open_timeout} s")
+        if self._error is not None:
+            self._thread.join()
+        self._raise_if_failed(include_rejections=False)
+
+    def _take_unreported(self) -> list[service_pb2.ChunkRejection]:
+        with self._cv:
+            pending, self._unreported = self._unreported, []
+        return pending
+
+    def _raise_if_failed(self, include_rejections: bool) -> None:
+        if self._error is not None:
+            raise self._error
+        if include_rejections and self._opt.on_rejection == "raise" and self._unreported:
+            raise ChunkRejectedError(self._take_unreported())
+
+    # ----------------------------------------------------------- sender side
+
+    def _run(self) -> None:
+        attempt = 0
+        while True:
+            session = _Session()
+            try:
+                self._run_session(session)
+            except EvalStreamError as exc:
+                self._fail(exc)
+                return
+            except Exception as exc:  # a bug or a torch/numpy error while encoding
+                self._fail(EvalStreamError(f"sender failed: {exc!r}"), exc)
+                return
+            with self._cv:
+                if self._summary is not None or self._aborted:
+                    return
+            err = session.error
+            code = err.code() if isinstance(err, grpc.Call) else None
+            if not (code in RETRYABLE or isinstance(err, _StreamEnded)):
+                self._fail(self._describe(err), err)
+                return
+            attempt = 1 if session.progressed else attempt + 1
+            if attempt >= self._opt.retry.max_attempts:
+                last = self._describe(err)
+                self._fail(EvalStreamError(f"giving up after {attempt} attempts: {last}", last.code), err)
+                return
+            with self._cv:
+                self.stats.reconnects += 1
+                if self._cv.wait_for(lambda: self._aborted, self._opt.retry.backoff(attempt)):
+                    return
+
+    def _describe(self, err: BaseException | None) -> EvalStreamError:
+        o = self._open
+        where = f"rank {o.rank} of {o.key.run}/{o.key.model} step {o.key.step}"
+        if isinstance(err, grpc.Call):
+            return EvalStreamError(f"{where}: {err.code().name}: {err.details()}", err.code())
+        return EvalStreamError(f"{where}: {err}")
+
+    def _fail(self, exc: EvalStreamError, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            exc.__cause__ = cause
+        with self._cv:
+            if self._error is None and not self._aborted:
+                self._error = exc
+            self._cv.notify_all()
+
+    def _run_session(self, session: _Session) -> None:
+        reqs: queue.SimpleQueue[service_pb2.StreamEvaluationRequest | None] = queue.SimpleQueue()
+        reqs.put(service_pb2.StreamEvaluationRequest(open=self._open))
+
+        def requests() -> Iterator[service_pb2.StreamEvaluationRequest]:
+            while (item := reqs.get()) is not None:
+                yield item
+
+        with self._cv:
+            if self._aborted:
+                return
+            call = self._stub.StreamEvaluation(requests(), metadata=self._metadata)
+            self._call = call
+        reader: threading.Thread | None = None
+        try:
+            replay = self._handle_opened(call, session)
+            if replay is None:
+                return
+            for req in replay:
+                reqs.put(req)
+            reader = threading.Thread(target=self._read, args=(call, session), daemon=True)
+            reader.start()
+            self._pump(reqs, session)
+        except grpc.RpcError as exc:
+            session.broken, session.error = True, exc
+        finally:
+            reqs.put(None)
+            if reader is not None:
+                if self._summary is None:
+                    call.cancel()
+                # After the summary the server ends the call once it sees our half-close.
+                reader.join(timeout=5)
+            if reader is None or reader.is_alive():
+                call.cancel()
+            if reader is not None:
+                reader.join()
+
+    def _handle_opened(
+        self, call: Any, session: _Session
+    ) -> list[service_pb2.StreamEvaluationRequest] | None:
+        """Apply the resume point; the chunks to replay, or None when nothing more is to be sent."""
+        try:
+            first = next(call)
+        except StopIteration:
+            session.broken, session.error = True, _StreamEnded("stream ended before the shard was opened")
+            return None
+        if first.WhichOneof("message") != "opened":
+            raise EvalStreamError(f"expected ShardOpened, got {first.WhichOneof('message')}")
+        opened = first.opened
+        with self._cv:
+            session.progressed = True
+            self._opened = opened
+            if self.resumed_from is None:
+                self.resumed_from = opened.next_sequence
+            self._drop_acked(opened.next_sequence)
+            self._samples_committed = opened.samples_committed
+            self._cv.notify_all()
+            if opened.already_closed:
+                if not self._close_requested:
+                    raise EvalStreamError(
+                        f"rank {self._open.rank} of this evaluation was closed earlier; "
+                        "nothing more is accepted"
+                    )
+            else:
+                replay = list(self._unacked.values())
+                if self.stats.reconnects:
+                    self.stats.replayed_chunks += len(replay)
+                return replay
+        # Our close went through but its summary was lost with the connection.
+        self._summary_from_store(opened)
+        return None
+
+    def _summary_from_store(self, opened: service_pb2.ShardOpened) -> None:
+        evaluation = self._get_evaluation()
+        summary = service_pb2.ShardSummary(
+            evaluation_id=opened.evaluation_id,
+            rank=self._open.rank,
+            chunks=opened.next_sequence,
+            samples=opened.samples_committed,
+            rejected_chunks=len(self.rejections),
+            ranks_closed=evaluation.ranks_closed,
+            world_size=evaluation.world_size,
+            finalized=evaluation.state == evaluation_pb2.EVALUATION_STATE_FINALIZED,
+        )
+        with self._cv:
+            self._summary = summary
+            self._cv.notify_all()
+
+    def _drop_acked(self, next_sequence: int) -> None:
+        """Forget chunks below the committed point (caller holds the lock)."""
+        while self._unacked:
+            seq = next(iter(self._unacked))
+            if seq >= next_sequence:
+                break
+            del self._unacked[seq]
+        self._cv.notify_all()
+
+    def _pump(
+        self, reqs: queue.SimpleQueue[service_pb2.StreamEvaluationRequest | None], session: _Session
+    ) -> None:
+        """Encode queued batches into chunks while the in-flight window allows; then close."""
+        while True:
+            with self._cv:
+                while True:
+                    if session.broken or self._summary is not None or self._aborted:
+                        return
+                    if self._cur is None and self._batches:
+                        self._cur, self._cur_row = self._batches.popleft(), 0
+                    if self._cur is not None:
+                        if len(self._unacked) < self._opt.max_inflight_chunks:
+                            break
+                    elif self._close_requested and not session.close_sent:
+                        session.close_sent = True
+                        reqs.put(
+                            service_pb2.StreamEvaluationRequest(
+                                close=service_pb2.CloseShard(num_chunks=self._next_seq)
+                            )
+                        )
+                    self._cv.wait()
+                batch, start, seq = self._cur, self._cur_row, self._next_seq
+            batch.ready()
+            step = rows_per_chunk(
+                self._open.num_classes,
+                score_itemsize(batch.score_dtype),
+                self._opt.chunk_bytes,
+                self._opt.max_message_bytes,
+            )
+            stop = min(batch.rows, start + step)
+            req = encode_chunk(batch, start, stop, seq)
+            with self._cv:
+                self._unacked[seq] = req
+                self._next_seq += 1
+                self._cur_row = stop
+                self.stats.samples_sent += stop - start
+                self.stats.chunks_sent += 1
+                self.stats.max_inflight_chunks = max(self.stats.max_inflight_chunks, len(self._unacked))
+                if stop >= batch.rows:
+                    self._cur = None
+                    self._queued_bytes -= batch.nbytes
+                    batch.release()
+                    self._cv.notify_all()
+            reqs.put(req)
+
+    def _read(self, call: Any, session: _Session) -> None:
+        """Apply acknowledgements and the summary until the stream ends."""
+        error: BaseException | None = None
+        try:
+            for response in call:
+                kind = response.WhichOneof("message")
+                with self._cv:
+                    if kind == "ack":
+                        ack = response.ack
+                        self._drop_acked(ack.next_sequence)
+                        self._samples_committed = ack.samples_committed
+                        session.progressed = True
+                        if ack.HasField("rejection"):
+                            self.rejections.append(ack.rejection)
+                            self._unreported.append(ack.rejection)
+                    elif kind == "closed":
+                        self._summary = response.closed
+                    self._cv.notify_all()
+            error = _StreamEnded("stream ended before the shard summary arrived")
+        except grpc.RpcError as exc:
+            error = exc
+        with self._cv:
+            if self._summary is None:
+                session.broken, session.error = True, error
+            self._cv.notify_all()

@@ -1,0 +1,262 @@
+"""Host copies of scores, labels and sample ids, and their raw-bytes wire form.
+
+``add()`` runs on the training loop's thread, so it only takes a host copy
+(for a CUDA tensor: an asynchronous copy into a reused pinned buffer, recorded
+with an event) and returns. Everything that costs per byte afterwards — waiting
+for the copy, slicing into chunk-sized messages, ``tobytes`` — runs on the
+sender thread through :meth:`HostBatch.ready` and :func:`encode_chunk`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from evalstream.v1 import service_pb2, tensor_pb2
+
+_SCORE_WIRE: dict[str, int] = {
+    "float32": tensor_pb2.DATA_TYPE_FLOAT32,
+    "float16": tensor_pb2.DATA_TYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16,
+}
+_INT_WIRE: dict[str, int] = {"int32": tensor_pb2.DATA_TYPE_INT32, "int64": tensor_pb2.DATA_TYPE_INT64}
+# The server's default cap on rows per chunk (max_chunk_rows).
+MAX_CHUNK_ROWS = 65536
+_TORCH_SCORE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class HostBatch:
+    """One ``add()`` call's data on the host, in wire dtypes.
+
+    Until :meth:`ready` returns, the fields of a CUDA batch are pinned torch
+    tensors still being filled by an asynchronous copy; afterwards all three
+    are numpy arrays (bfloat16 scores as their int16 bit patterns).
+    """
+
+    scores: Any
+    score_dtype: int
+    labels: Any
+    sample_ids: Any
+    nbytes: int
+    event: Any = None
+    releases: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.scores.shape[0])
+
+    def ready(self) -> None:
+        """Wait for a pending device-to-host copy, then expose numpy arrays."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        self.scores = _as_numpy(self.scores)
+        self.labels = _as_numpy(self.labels)
+        if self.sample_ids is not None:
+            self.sample_ids = _as_numpy(self.sample_ids)
+
+    def release(self) -> None:
+        """Give pinned buffers back to their pool; the arrays must not be used afterwards."""
+        for fn in self.releases:
+            fn()
+        self.releases.clear()
+
+
+class PinnedPool:
+    """Reused page-locked host buffers for non-blocking device-to-host copies.
+
+    Allocating pinned memory costs far more than the copy itself, so buffers
+    are kept and reused; at most ``max_buffers`` stay idle in the pool.
+    """
+
+    def __init__(self, max_buffers: int = 8) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self._max = max_buffers
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A pinned uint8 tensor of at least ``nbytes`` bytes."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                best = min(fits, key=lambda i: self._free[i].numel())
+                return self._free.pop(best)
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._free) < self._max:
+                self._free.append(buf)
+
+
+def _as_numpy(x: Any) -> npt.NDArray[Any]:
+    """A numpy view of a host tensor (bfloat16 as its int16 bit pattern), or x itself."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            x = x.view(torch.int16)
+        return x.numpy()
+    return x  # type: ignore[no-any-return]
+
+
+def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
+    """The dtype ``x`` travels as, converting only what the wire cannot carry."""
+    if role == "scores":
+        if x.dtype in _TORCH_SCORE:
+            return x.dtype
+        if x.is_floating_point():
+            return torch.float32
+        raise TypeError(f"scores must be a floating-point tensor, got {x.dtype}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{role} must be an integer tensor, got {x.dtype}")
+    return torch.int32 if role == "labels" and x.dtype == torch.int32 else torch.int64
+
+
+def _torch_host(x: torch.Tensor, role: str, copy: bool, batch: HostBatch, pool: PinnedPool) -> Any:
+    """Host form of a tensor: pinned async copy for CUDA, numpy array otherwise."""
+    x = x.detach()
+    dtype = _torch_wire_dtype(x, role)
+    if x.device.type == "cuda":
+        if x.dtype != dtype:
+            x = x.to(dtype)  # converted on the device, asynchronously
+        nbytes = x.numel() * x.element_size()
+        buf = pool.take(nbytes)
+        batch.releases.append(lambda: pool.give(buf))
+        host = buf[:nbytes].view(dtype).view(x.shape)
+        # D2H copies run on the source device's current stream: ordered after
+        # the kernels that produced x, without blocking the host.
+        host.copy_(x, non_blocking=True)
+        if batch.event is None:
+            batch.event = torch.cuda.Event()
+        batch.event.record(torch.cuda.current_stream(x.device))
+        return host
+    if x.device.type != "cpu":
+        x = x.to("cpu")
+    if x.dtype != dtype:
+        x = x.to(dtype)  # a conversion is a copy already
+    elif copy or not x.is_contiguous():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return _as_numpy(x)
+
+
+def _numpy_host(x: Any, role: str, copy: bool) -> npt.NDArray[Any]:
+    """Contiguous little-endian numpy array in a wire dtype, copied unless ``copy`` is False."""
+    a = np.asarray(x)
+    if role == "scores":
+        if a.dtype.name == "bfloat16":  # e.g. ml_dtypes.bfloat16
+            a = a.view(np.int16)
+        elif a.dtype.name not in _SCORE_WIRE:
+            if a.dtype.kind != "f":
+                raise TypeError(f"scores must be floating point, got {a.dtype}")
+            return np.ascontiguousarray(a, dtype="<f4")
+    else:
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{role} must be an integer array, got {a.dtype}")
+        want = "<i4" if role == "labels" and a.dtype.name == "int32" else "<i8"
+        if a.dtype != np.dtype(want):
+            return np.ascontiguousarray(a, dtype=want)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return np.array(a, order="C", copy=True) if copy else np.ascontiguousarray(a)
+
+
+def _score_wire(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return _SCORE_WIRE[_TORCH_SCORE[_torch_wire_dtype(x, "scores")]]
+    name = np.asarray(x).dtype.name
+    return _SCORE_WIRE.get(name, tensor_pb2.DATA_TYPE_FLOAT32)
+
+
+def to_host_batch(
+    scores: Any,
+    labels: Any,
+    sample_ids: Any = None,
+    *,
+    num_classes: int,
+    copy: bool = True,
+    pool: PinnedPool | None = None,
+) -> HostBatch:
+    """Validate shapes and take a host copy of one batch (torch on any device, or numpy).
+
+    ``copy=False`` skips the copy of host inputs already in a wire dtype; the
+    caller then must not modify them until the evaluation is closed. Device
+    inputs are always copied (asynchronously for CUDA).
+    """
+    n = _check_shapes(scores, labels, sample_ids, num_classes)
+    batch = HostBatch(scores=None, score_dtype=_score_wire(scores), labels=None, sample_ids=None, nbytes=0)
+    pool = pool or PinnedPool()
+
+    def host(x: Any, role: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            return _torch_host(x, role, copy, batch, pool)
+        return _numpy_host(x, role, copy)
+
+    batch.scores = host(scores, "scores")
+    batch.labels = host(labels, "labels")
+    batch.sample_ids = None if sample_ids is None else host(sample_ids, "sample_ids")
+    batch.nbytes = sum(_nbytes(a) for a in (batch.scores, batch.labels, batch.sample_ids))
+    assert batch.rows == n
+    return batch
+
+
+def _nbytes(a: Any) -> int:
+    if a is None:
+        return 0
+    if isinstance(a, torch.Tensor):
+        return int(a.numel() * a.element_size())
+    return int(a.nbytes)
+
+
+def _check_shapes(scores: Any, labels: Any, sample_ids: Any, num_classes: int) -> int:
+    """Number of rows; ValueError naming the argument whose shape is wrong."""
+    s = tuple(scores.shape) if hasattr(scores, "shape") else np.shape(scores)
+    if len(s) != 2 or s[1] != num_classes:
+        raise ValueError(f"scores must have shape [n, {num_classes}], got {list(s)}")
+    n = int(s[0])
+    for role, x in (("labels", labels), ("sample_ids", sample_ids)):
+        if x is None:
+            continue
+        shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+        if shape != (n,):
+            raise ValueError(f"{role} must have shape [{n}] to match scores, got {list(shape)}")
+    return n
+
+
+def rows_per_chunk(num_classes: int, score_itemsize: int, chunk_bytes: int, max_message_bytes: int) -> int:
+    """Rows per chunk so a message carries about ``chunk_bytes`` and never exceeds the limit."""
+    row = num_classes * score_itemsize + 16  # scores + label + sample id
+    limit = max_message_bytes - 4096  # tags, lengths and the small fields
+    if row > limit:
+        raise ValueError(
+            f"one row of {num_classes} scores ({row} bytes) exceeds the {max_message_bytes}-byte message "
+            "limit; raise max_message_bytes on both client and server"
+        )
+    return max(1, min(chunk_bytes // row, limit // row, MAX_CHUNK_ROWS))
+
+
+def _tensor(dtype: Any, array: npt.NDArray[Any]) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(dtype=dtype, shape=list(array.shape), raw_contents=array.tobytes())
+
+
+def encode_chunk(
+    batch: HostBatch, start: int, stop: int, sequence: int
+) -> service_pb2.StreamEvaluationRequest:
+    """The request carrying rows [start, stop) of a ready batch as raw little-endian bytes."""
+    labels = batch.labels[start:stop]
+    chunk = service_pb2.Chunk(
+        sequence=sequence,
+        scores=_tensor(batch.score_dtype, batch.scores[start:stop]),
+        labels=_tensor(_INT_WIRE[labels.dtype.name], labels),
+    )
+    if batch.sample_ids is not None:
+        chunk.sample_ids.CopyFrom(_tensor(tensor_pb2.DATA_TYPE_INT64, batch.sample_ids[start:stop]))
+    return service_pb2.StreamEvaluationRequest(chunk=chunk)
+
+
+def score_itemsize(score_dtype: int) -> int:
+    return 4 if score_dtype == tensor_pb2.DATA_TYPE_FLOAT32 else 2
