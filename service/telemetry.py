@@ -8,6 +8,8 @@ come from a custom collector reading the store at scrape time (exporter.py).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -85,12 +87,16 @@ def split_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def serve_metrics(address: str, registry: CollectorRegistry) -> MetricsEndpoint:
+def serve_metrics(
+    address: str, registry: CollectorRegistry, tls: Mapping[str, Any] | None = None
+) -> MetricsEndpoint:
     """Serve ``registry`` at http://address/metrics in a daemon thread.
 
     Kept apart from the gRPC port so operators can bind it to an internal
     interface; it only ever shows aggregate numbers, never request contents.
+    ``tls`` is passed on to ``start_http_server`` (certfile, keyfile, client_cafile, ...),
+    e.g. ``auth.metrics_tls_options(settings)``.
     """
     host, port = split_address(address)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    server, thread = start_http_server(port, addr=host, registry=registry, **dict(tls or {}))
     return MetricsEndpoint(server, thread)
