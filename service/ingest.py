@@ -1,0 +1,475 @@
+"""Shard leases, sequence numbers, commit and finalize: the ingest protocol without gRPC.
+
+Rules it enforces (the servicer only translates messages):
+
+- One stream holds a rank at a time (a lease); a second open of the same rank
+  is ABORTED until the first stream ends.
+- A chunk below the shard's next sequence is a retry: acknowledged as a
+  duplicate, never counted again. A chunk above it is a gap: a protocol error.
+- A chunk is decoded and reduced off the event loop, then its records and the
+  shard's next sequence are committed in one store transaction; only then is
+  the acknowledgement produced. A rejected chunk consumes its sequence number
+  (and its reason is stored) and changes nothing else.
+- When every rank has closed (or on an explicit finalize) the committed
+  records are merged, deduplicated by sample id, ``compute_metrics`` runs, and
+  the result replaces the chunk rows in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .convert import result_from_report
+from .engine import ChunkError, EngineConfig, Records
+from .engine.metrics import compute_metrics, running_summary
+from .engine.reducer import ChunkReducer
+from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from .settings import Settings
+from .status import SeriesKey, ShardProgress
+from .store.base import (
+    EvaluationKey,
+    EvaluationRow,
+    Rejection,
+    SequenceConflict,
+    ShardOpenRequest,
+    ShardRow,
+    Store,
+)
+from .telemetry import Telemetry
+from .wire import DecodedChunk
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Safe as a Prometheus label value, a file name component and a URL path segment.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,127}$")
+DEFAULT_SPLIT = "validation"
+# Codes of in-band rejections by reason; everything else a bad chunk can be is INVALID_ARGUMENT.
+REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
+
+
+def validate_name(what: str, value: str) -> str:
+    """Run, model and split names end up in label values and paths; refuse anything unsafe."""
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} {value!r} is not a valid name: use 1-128 characters from letters, digits "
+            "and . _ : + = @ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def evaluation_key(run: str, model: str, split: str, step: int) -> EvaluationKey:
+    """A validated key; an empty split means "validation"."""
+    split = split or DEFAULT_SPLIT
+    if step < 0:
+        raise InvalidArgument(f"step must be >= 0, got {step}")
+    return EvaluationKey(
+        validate_name("run", run), validate_name("model", model), validate_name("split", split), step
+    )
+
+
+@dataclass
+class Lease:
+    """One stream's hold on one rank of one evaluation."""
+
+    evaluation_id: str
+    key: EvaluationKey
+    rank: int
+    world_size: int
+    num_classes: int
+    score_kind: str
+    peer: str
+    next_sequence: int
+    samples: int
+    chunks: int
+    rejected: int
+    closed: bool = False
+    inflight: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Opened:
+    lease: Lease | None  # None when the shard was closed before
+    evaluation: EvaluationRow
+    shard: ShardRow
+
+    @property
+    def already_closed(self) -> bool:
+        return self.lease is None
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    next_sequence: int
+    samples_committed: int
+    duplicate: bool = False
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class Closed:
+    evaluation: EvaluationRow
+    shard: Lease
+    finalized: bool
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    records: bytes | None
+    samples: int
+    nll_sum: float
+    correct: int
+    num_bytes: int
+
+
+class ReducerPool:
+    """Reducers keyed by (classes, score kind), one per concurrent user.
+
+    A reducer holds [rows, C] scratch buffers (tens of MB at C=3,000), so they
+    are shared across streams and bounded by the worker threads, not created
+    per stream.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._free: dict[tuple[int, str], list[ChunkReducer]] = {}
+        self._tlock = threading.Lock()  # the pool is used from worker threads
+
+    def run(self, num_classes: int, score_kind: str, fn: Callable[[ChunkReducer], T]) -> T:
+        key = (num_classes, score_kind)
+        with self._tlock:
+            free = self._free.setdefault(key, [])
+            reducer = free.pop() if free else None
+        if reducer is None:
+            reducer = ChunkReducer(num_classes, self._config, score_kind)
+        try:
+            return fn(reducer)
+        finally:
+            with self._tlock:
+                self._free[key].append(reducer)
+
+
+class Coordinator:
+    """Ingest state of one server process; all methods are called from the event loop."""
+
+    def __init__(self, store: Store, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.telemetry = telemetry or Telemetry()
+        self.engine_config = settings.engine_config()
+        self._workers = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="evalstream-worker")
+        # Store calls block on the writer's commit; they get their own threads so compute never waits on them.
+        self._io = ThreadPoolExecutor(16, thread_name_prefix="evalstream-store")
+        self._reducers = ReducerPool(self.engine_config)
+        self._leases: dict[tuple[EvaluationKey, int], Lease | None] = {}
+        self._per_peer: dict[str, int] = {}
+        self._finalize_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _in_io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    def _track(self, fut: asyncio.Future[T]) -> asyncio.Future[T]:
+        """Keep a reference so shutdown can wait for work a cancelled stream left running."""
+        self._tasks.add(fut)
+        fut.add_done_callback(self._tasks.discard)
+        return fut
+
+    # -- open ---------------------------------------------------------------------------------
+
+    async def open(self, request: ShardOpenRequest, peer: str) -> Opened:
+        """Lease the rank and tell the stream where to resume."""
+        if request.world_size < 1:
+            raise InvalidArgument("world_size must be >= 1")
+        if request.rank >= request.world_size:
+            raise InvalidArgument(
+                f"rank {request.rank} is out of range for world_size {request.world_size} (ranks are 0..."
+                f"{request.world_size - 1})"
+            )
+        if request.num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, got {request.num_classes}")
+        slot = (request.key, request.rank)
+        if slot in self._leases:
+            raise Aborted(
+                f"rank {request.rank} of {_name(request.key)} is held by another open stream; "
+                "retry once that stream has ended (a dropped connection is noticed within seconds)"
+            )
+        if len(self._leases) >= self.settings.max_open_shards:
+            raise ResourceExhausted(
+                f"this server already streams {len(self._leases)} shards (max_open_shards="
+                f"{self.settings.max_open_shards}); retry later or raise the limit"
+            )
+        if self._per_peer.get(peer, 0) >= self.settings.max_open_shards_per_connection:
+            raise ResourceExhausted(
+                f"this connection already streams {self._per_peer[peer]} shards "
+                f"(max_open_shards_per_connection="
+                f"{self.settings.max_open_shards_per_connection}); close some first"
+            )
+        self._leases[slot] = None  # reserved while the store answers
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        try:
+            evaluation, shard = await self._in_io(self.store.open_shard, request)
+            if shard.closed:
+                self._drop(slot, peer)
+                return Opened(None, evaluation, shard)
+            if evaluation.finalized:
+                raise FailedPrecondition(
+                    f"{_name(request.key)} was finalized before rank {request.rank} closed its shard; "
+                    "stream into a new step"
+                )
+        except BaseException:
+            self._drop(slot, peer)
+            raise
+        lease = Lease(
+            evaluation_id=evaluation.evaluation_id,
+            key=request.key,
+            rank=request.rank,
+            world_size=evaluation.world_size,
+            num_classes=evaluation.num_classes,
+            score_kind=evaluation.score_kind,
+            peer=peer,
+            next_sequence=shard.next_sequence,
+            samples=shard.samples,
+            chunks=shard.chunks,
+            rejected=shard.rejected_chunks,
+        )
+        self._leases[slot] = lease
+        return Opened(lease, evaluation, shard)
+
+    def release(self, lease: Lease) -> None:
+        """The stream ended: free the rank once its in-flight commit (if any) has landed."""
+        slot = (lease.key, lease.rank)
+        if self._leases.get(slot) is not lease:
+            return
+        if lease.inflight is not None and not lease.inflight.done():
+            lease.inflight.add_done_callback(lambda _f: self._drop(slot, lease.peer))
+        else:
+            self._drop(slot, lease.peer)
+
+    def _drop(self, slot: tuple[EvaluationKey, int], peer: str) -> None:
+        if slot not in self._leases:
+            return
+        del self._leases[slot]
+        left = self._per_peer.get(peer, 0) - 1
+        if left > 0:
+            self._per_peer[peer] = left
+        else:
+            self._per_peer.pop(peer, None)
+
+    # -- chunks -------------------------------------------------------------------------------
+
+    async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
+        """Commit one chunk (or recognise a retry); the outcome is what the acknowledgement says."""
+        if lease.closed:
+            raise FailedPrecondition(f"rank {lease.rank} of {_name(lease.key)} is closed; open a new stream")
+        if sequence < lease.next_sequence:
+            return await self._duplicate(lease, sequence)
+        if sequence > lease.next_sequence:
+            raise FailedPrecondition(
+                f"sequence gap on rank {lease.rank} of {_name(lease.key)}: "
+                f"expected chunk {lease.next_sequence}, "
+                f"got {sequence}; resend from {lease.next_sequence}"
+            )
+        work = self._track(asyncio.ensure_future(self._commit(lease, sequence, decode)))
+        lease.inflight = work
+        # Shielded: a cancelled stream still finishes committing what it started (never half a chunk).
+        return await asyncio.shield(work)
+
+    async def _duplicate(self, lease: Lease, sequence: int) -> ChunkOutcome:
+        self.telemetry.duplicate_chunks.inc()
+        rejection = await self._in_io(self.store.rejection, lease.evaluation_id, lease.rank, sequence)
+        return ChunkOutcome(lease.next_sequence, lease.samples, duplicate=True, rejection=rejection)
+
+    async def _commit(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
+        try:
+            reduced = await self._in_worker(self._reduce, lease, decode)
+        except ChunkError as exc:
+            return await self._reject(lease, sequence, exc.reason, exc.message)
+        started = time.perf_counter()
+        try:
+            shard = await self._in_io(
+                self.store.commit_chunk,
+                lease.evaluation_id,
+                lease.rank,
+                sequence,
+                reduced.samples,
+                reduced.records,
+                reduced.nll_sum,
+                reduced.correct,
+                self.settings.max_samples_per_evaluation,
+            )
+        except ResourceExhausted as exc:
+            return await self._reject(lease, sequence, "evaluation_too_large", exc.message)
+        except SequenceConflict as exc:
+            return await self._resync(lease, exc)
+        self.telemetry.commit_seconds.observe(time.perf_counter() - started)
+        self._update(lease, shard)
+        self.telemetry.chunks.inc()
+        self.telemetry.samples.inc(reduced.samples)
+        self.telemetry.bytes.inc(reduced.num_bytes)
+        return ChunkOutcome(shard.next_sequence, shard.samples)
+
+    def _reduce(self, lease: Lease, decode: Callable[[], DecodedChunk]) -> _Reduced:
+        """Decode and reduce in a worker thread: zero-copy views in, a records blob out."""
+        t0 = time.perf_counter()
+        chunk = decode()
+        t1 = time.perf_counter()
+        self.telemetry.decode_seconds.observe(t1 - t0)
+        if chunk.rows == 0:
+            return _Reduced(None, 0, 0.0, 0, chunk.num_bytes)
+        records = self._reducers.run(
+            lease.num_classes,
+            lease.score_kind,
+            lambda r: r.reduce(chunk.scores, chunk.labels, chunk.sample_ids),
+        )
+        nll_sum, correct = running_summary(records)
+        blob = records.to_bytes()
+        self.telemetry.compute_seconds.observe(time.perf_counter() - t1)
+        return _Reduced(blob, len(records), nll_sum, correct, chunk.num_bytes)
+
+    async def _reject(self, lease: Lease, sequence: int, reason: str, message: str) -> ChunkOutcome:
+        rejection = Rejection(sequence, REJECTION_CODES.get(reason, "INVALID_ARGUMENT"), reason, message)
+        try:
+            shard = await self._in_io(self.store.reject_chunk, lease.evaluation_id, lease.rank, rejection)
+        except SequenceConflict as exc:
+            return await self._resync(lease, exc)
+        self.telemetry.rejected_chunks.labels(reason=reason).inc()
+        self._update(lease, shard)
+        return ChunkOutcome(shard.next_sequence, shard.samples, rejection=rejection)
+
+    async def _resync(self, lease: Lease, exc: SequenceConflict) -> ChunkOutcome:
+        """The store is ahead of the lease (a previous stream's commit landed late): it was a retry."""
+        if exc.got < exc.expected:
+            shards = await self._in_io(self.store.shards, lease.evaluation_id)
+            for shard in shards:
+                if shard.rank == lease.rank:
+                    self._update(lease, shard)
+            return await self._duplicate(lease, exc.got)
+        raise Aborted(f"rank {lease.rank} of {_name(lease.key)} changed under this stream; reopen it")
+
+    @staticmethod
+    def _update(lease: Lease, shard: ShardRow) -> None:
+        lease.next_sequence = shard.next_sequence
+        lease.samples = shard.samples
+        lease.chunks = shard.chunks
+        lease.rejected = shard.rejected_chunks
+
+    # -- close and finalize -------------------------------------------------------------------
+
+    async def close(self, lease: Lease, num_chunks: int) -> Closed:
+        """Close the shard; the last rank to close finalizes the evaluation."""
+        if num_chunks != lease.next_sequence:
+            raise FailedPrecondition(
+                f"close says {num_chunks} chunks were sent but rank {lease.rank} of {_name(lease.key)} has "
+                f"{lease.next_sequence} committed; resend from chunk {lease.next_sequence} before closing"
+            )
+        evaluation = await self._in_io(self.store.close_shard, lease.evaluation_id, lease.rank)
+        lease.closed = True
+        self.release(lease)
+        finalized = False
+        if evaluation.ranks_closed >= evaluation.world_size and not evaluation.finalized:
+            evaluation = await self.finalize(lease.evaluation_id)
+            finalized = True
+        return Closed(evaluation, lease, finalized)
+
+    async def finalize_key(self, key: EvaluationKey) -> EvaluationRow:
+        """FinalizeEvaluation: merge whatever every rank committed so far."""
+        row = await self._in_io(self.store.find, key.run, key.model, key.split, key.step)
+        if row is None:
+            raise NotFound(f"no evaluation {_name(key)}; open a shard first")
+        return await self.finalize(row.evaluation_id)
+
+    async def finalize(self, evaluation_id: str) -> EvaluationRow:
+        lock = self._finalize_locks.setdefault(evaluation_id, asyncio.Lock())
+        async with lock:
+            row = await self._in_io(self.store.get, evaluation_id)
+            if row is None:
+                raise NotFound(f"no evaluation with id {evaluation_id!r}")
+            if row.finalized:
+                return row
+            work = self._track(asyncio.ensure_future(self._finalize(row)))
+            out = await asyncio.shield(work)
+        self._finalize_locks.pop(evaluation_id, None)
+        return out
+
+    async def _finalize(self, row: EvaluationRow) -> EvaluationRow:
+        result, merged, num_samples = await self._in_worker(self._merge, row)
+        finalized = await self._in_io(
+            self.store.finalize,
+            row.evaluation_id,
+            result,
+            merged,
+            num_samples,
+            self.settings.retention_keep_latest,
+        )
+        self.telemetry.finalized.inc()
+        log.info("finalized %s (%d samples)", _name(row.key), num_samples)
+        return finalized
+
+    def _merge(self, row: EvaluationRow) -> tuple[bytes, bytes, int]:
+        blobs = self.store.chunk_records(row.evaluation_id)
+        records = Records.concat(
+            (Records.from_bytes(b) for b in blobs),
+            inverse_temperatures=self.engine_config.inverse_temperatures,
+        )
+        if len(records) == 0:
+            raise FailedPrecondition(f"{_name(row.key)} has no committed samples; nothing to finalize")
+        report = compute_metrics(records, row.num_classes, self.engine_config)
+        kept, _dropped = records.dedupe()
+        return result_from_report(report).SerializeToString(), kept.to_bytes(), report.num_samples
+
+    async def recover(self) -> None:
+        """After a restart: finish finalizes a crash interrupted, and apply retention."""
+        for row in await self._in_io(self.store.pending_finalize):
+            try:
+                await self.finalize(row.evaluation_id)
+            except ServiceError as exc:
+                log.warning("could not finalize %s after restart: %s", _name(row.key), exc.message)
+
+    # -- views and shutdown -------------------------------------------------------------------
+
+    def open_progress(self) -> Iterable[ShardProgress]:
+        """ProgressSource for the exporter: every shard of every open evaluation (safe off-loop)."""
+        out = []
+        for ev, shard in self.store.open_shards():
+            out.append(
+                ShardProgress(
+                    key=SeriesKey(ev.key.run, ev.key.model, ev.key.split),
+                    step=ev.key.step,
+                    rank=shard.rank,
+                    world_size=ev.world_size,
+                    ranks_closed=ev.ranks_closed,
+                    samples=shard.samples,
+                    nll_sum=shard.nll_sum,
+                    correct=shard.correct,
+                    updated_at=shard.updated_at,
+                )
+            )
+        return out
+
+    async def drain(self) -> None:
+        """Wait for every commit and finalize already started (graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def close_executors(self) -> None:
+        self._workers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+
+
+def _name(key: EvaluationKey) -> str:
+    return f"{key.run}/{key.model}/{key.split}@{key.step}"

@@ -1,0 +1,321 @@
+"""The gRPC servicer: translates ``evalstream.v1`` messages to ingest, store and compare calls.
+
+No protocol rules live here (they are in ingest.py) and no status decisions
+(errors.py); every handler turns a ``ServiceError`` into its status and counts
+it in telemetry. Store reads run in the coordinator's store executor so the
+event loop only ever waits, never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+
+from . import wire
+from .convert import SCORE_KINDS, evaluation_to_pb
+from .engine import Records
+from .engine.registry import direction, metric_infos
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, status_of
+from .ingest import Coordinator, Lease, evaluation_key, validate_name
+from .store.base import EvaluationRow, ShardOpenRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.settings = coordinator.settings
+        self.store = coordinator.store
+        self.telemetry = coordinator.telemetry
+
+    async def _fail(self, context: Context, method: str, exc: BaseException) -> None:
+        code, message = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=exc)
+        self.telemetry.rpc_errors.labels(method=method, code=code.name).inc()
+        context.set_code(code)
+        context.set_details(message)
+
+    async def _unary(self, context: Context, method: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return await fn()
+        except Exception as exc:
+            await self._fail(context, method, exc)
+            return None
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    async def StreamEvaluation(
+        self, request_iterator: AsyncIterator[service_pb2.StreamEvaluationRequest], context: Context
+    ) -> AsyncIterator[service_pb2.StreamEvaluationResponse]:
+        self.telemetry.active_streams.inc()
+        lease: Lease | None = None
+        opened = False
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("message")
+                if kind == "open":
+                    if opened:
+                        raise FailedPrecondition(
+                            "this stream already opened a shard; use one stream per shard"
+                        )
+                    opened = True
+                    lease, response = await self._open(request.open, context.peer())
+                    yield response
+                elif kind == "chunk":
+                    if lease is None:
+                        raise FailedPrecondition(
+                            "send OpenShard before chunks"
+                            if not opened
+                            else "the shard is closed; open a new stream"
+                        )
+                    yield await self._chunk(lease, request.chunk)
+                elif kind == "close":
+                    if lease is None:
+                        raise FailedPrecondition(
+                            "send OpenShard before CloseShard"
+                            if not opened
+                            else "the shard is already closed"
+                        )
+                    closed = await self.coordinator.close(lease, request.close.num_chunks)
+                    lease = None
+                    yield service_pb2.StreamEvaluationResponse(
+                        closed=service_pb2.ShardSummary(
+                            evaluation_id=closed.evaluation.evaluation_id,
+                            rank=closed.shard.rank,
+                            chunks=closed.shard.chunks,
+                            samples=closed.shard.samples,
+                            rejected_chunks=closed.shard.rejected,
+                            ranks_closed=closed.evaluation.ranks_closed,
+                            world_size=closed.evaluation.world_size,
+                            finalized=closed.finalized,
+                        )
+                    )
+                else:
+                    raise InvalidArgument("empty StreamEvaluationRequest: set open, chunk or close")
+        except Exception as exc:
+            await self._fail(context, "StreamEvaluation", exc)
+        finally:
+            if lease is not None:
+                self.coordinator.release(lease)
+            self.telemetry.active_streams.dec()
+
+    async def _open(
+        self, msg: service_pb2.OpenShard, peer: str
+    ) -> tuple[Lease | None, service_pb2.StreamEvaluationResponse]:
+        if msg.score_kind not in SCORE_KINDS:
+            raise InvalidArgument(
+                f"unknown score_kind {msg.score_kind}; use SCORE_KIND_LOGITS or LOG_PROBABILITIES"
+            )
+        request = ShardOpenRequest(
+            key=evaluation_key(msg.key.run, msg.key.model, msg.key.split, msg.key.step),
+            rank=msg.rank,
+            world_size=msg.world_size,
+            num_classes=msg.num_classes,
+            score_kind=SCORE_KINDS[msg.score_kind],
+            dataset_size=msg.dataset_size,
+            pin=msg.pin,
+        )
+        opened = await self.coordinator.open(request, peer)
+        return opened.lease, service_pb2.StreamEvaluationResponse(
+            opened=service_pb2.ShardOpened(
+                evaluation_id=opened.evaluation.evaluation_id,
+                next_sequence=opened.shard.next_sequence,
+                samples_committed=opened.shard.samples,
+                already_closed=opened.already_closed,
+            )
+        )
+
+    async def _chunk(self, lease: Lease, chunk: service_pb2.Chunk) -> service_pb2.StreamEvaluationResponse:
+        num_classes, max_rows = lease.num_classes, self.settings.max_chunk_rows
+        outcome = await self.coordinator.chunk(
+            lease, chunk.sequence, lambda: wire.decode_chunk(chunk, num_classes, max_rows)
+        )
+        ack = service_pb2.ChunkAck(
+            next_sequence=outcome.next_sequence,
+            samples_committed=outcome.samples_committed,
+            duplicate=outcome.duplicate,
+        )
+        if outcome.rejection is not None:
+            r = outcome.rejection
+            ack.rejection.CopyFrom(
+                service_pb2.ChunkRejection(
+                    sequence=r.sequence, code=r.code, reason=r.reason, message=r.message
+                )
+            )
+        return service_pb2.StreamEvaluationResponse(ack=ack)
+
+    # -- unary --------------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.coordinator._in_io(fn, *args)
+
+    async def _resolve(self, run: str, model: str, split: str, step: int | None) -> EvaluationRow:
+        split = split or "validation"
+        for what, value in (("run", run), ("model", model), ("split", split)):
+            validate_name(what, value)
+        row = await self._io(self.store.find, run, model, split, step)
+        if row is None:
+            at = "latest step" if step is None else f"step {step}"
+            raise NotFound(f"no evaluation {run}/{model}/{split} at {at}")
+        return row
+
+    async def FinalizeEvaluation(
+        self, request: service_pb2.FinalizeEvaluationRequest, context: Context
+    ) -> service_pb2.FinalizeEvaluationResponse:
+        async def run() -> service_pb2.FinalizeEvaluationResponse:
+            k = request.key
+            row = await self.coordinator.finalize_key(evaluation_key(k.run, k.model, k.split, k.step))
+            return service_pb2.FinalizeEvaluationResponse(evaluation=evaluation_to_pb(row))
+
+        return await self._unary(context, "FinalizeEvaluation", run)  # type: ignore[no-any-return]
+
+    async def GetEvaluation(
+        self, request: service_pb2.GetEvaluationRequest, context: Context
+    ) -> service_pb2.GetEvaluationResponse:
+        async def run() -> service_pb2.GetEvaluationResponse:
+            ref = request.ref
+            row = await self._resolve(
+                ref.run, ref.model, ref.split, ref.step if ref.HasField("step") else None
+            )
+            return service_pb2.GetEvaluationResponse(
+                evaluation=evaluation_to_pb(row, per_class=request.include_per_class)
+            )
+
+        return await self._unary(context, "GetEvaluation", run)  # type: ignore[no-any-return]
+
+    async def ListEvaluations(
+        self, request: service_pb2.ListEvaluationsRequest, context: Context
+    ) -> service_pb2.ListEvaluationsResponse:
+        async def run() -> service_pb2.ListEvaluationsResponse:
+            for what, value in (("run", request.run), ("model", request.model), ("split", request.split)):
+                if value:
+                    validate_name(what, value)
+            before = None
+            if request.page_token:
+                if not request.page_token.isdigit():
+                    raise InvalidArgument(
+                        "page_token is not one this server issued; pass next_page_token as is"
+                    )
+                before = int(request.page_token)
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            rows, cursor = await self._io(
+                self.store.list_evaluations, request.run, request.model, request.split, size, before
+            )
+            return service_pb2.ListEvaluationsResponse(
+                evaluations=[evaluation_to_pb(r) for r in rows],
+                next_page_token="" if cursor is None else str(cursor),
+            )
+
+        return await self._unary(context, "ListEvaluations", run)  # type: ignore[no-any-return]
+
+    async def PinEvaluation(
+        self, request: service_pb2.PinEvaluationRequest, context: Context
+    ) -> service_pb2.PinEvaluationResponse:
+        async def run() -> service_pb2.PinEvaluationResponse:
+            k = request.key
+            key = evaluation_key(k.run, k.model, k.split, k.step)
+            row = await self._resolve(key.run, key.model, key.split, key.step)
+            row = await self._io(
+                self.store.set_pinned, row.evaluation_id, request.pinned, self.settings.retention_keep_latest
+            )
+            return service_pb2.PinEvaluationResponse(evaluation=evaluation_to_pb(row))
+
+        return await self._unary(context, "PinEvaluation", run)  # type: ignore[no-any-return]
+
+    async def ListMetrics(
+        self, request: service_pb2.ListMetricsRequest, context: Context
+    ) -> service_pb2.ListMetricsResponse:
+        infos = metric_infos(self.settings.top_k)
+        response = service_pb2.ListMetricsResponse(default_primary_metric=self.settings.primary_metric)
+        for info in infos.values():
+            m = response.metrics.add(name=info.name, description=info.description)
+            if info.higher_is_better is not None:
+                m.higher_is_better = info.higher_is_better
+        return response
+
+    async def CompareModels(
+        self, request: service_pb2.CompareModelsRequest, context: Context
+    ) -> service_pb2.CompareModelsResponse:
+        async def run() -> service_pb2.CompareModelsResponse:
+            return await self._compare(request)
+
+        return await self._unary(context, "CompareModels", run)  # type: ignore[no-any-return]
+
+    async def _compare(self, request: service_pb2.CompareModelsRequest) -> service_pb2.CompareModelsResponse:
+        """Resolve the refs (or every model of a run at its latest step) and hand them to service/compare."""
+        from .compare import CompareOptions, compare_models
+
+        primary = request.primary_metric or self.settings.primary_metric
+        check_metric(primary, self.settings.top_k)
+        if request.candidates:
+            rows = [await self._resolve(*ref_to_args(ref)) for ref in request.candidates]
+        elif request.run:
+            validate_name("run", request.run)
+            split = validate_name("split", request.split or "validation")
+            rows = await self._io(self.store.latest_per_model, request.run, split)
+            if not rows:
+                raise NotFound(f"run {request.run} has no finalized evaluation on split {split}")
+        else:
+            raise InvalidArgument("set candidates, or run (and split) to compare every model of the run")
+        baseline = None
+        if request.HasField("gate") and request.gate.HasField("baseline"):
+            baseline = await self._candidate(await self._resolve(*ref_to_args(request.gate.baseline)))
+        candidates = [await self._candidate(row) for row in rows]
+        options = CompareOptions(
+            primary_metric=primary,
+            secondary_metric=self.settings.secondary_metric,
+            tie_tolerance=self.settings.compare_tie_tolerance,
+            replicates=request.bootstrap_replicates or self.settings.compare_bootstrap_replicates,
+            confidence_level=request.confidence_level or self.settings.compare_confidence_level,
+            seed=request.seed,
+            top_k=self.settings.top_k,
+            gate=request.gate if request.HasField("gate") else None,
+        )
+        return await self.coordinator._in_worker(compare_models, candidates, options, baseline)
+
+    async def _candidate(self, row: EvaluationRow) -> Any:
+        from .compare import CandidateInput
+
+        k = row.key
+        if not row.finalized or row.result is None:
+            raise FailedPrecondition(f"evaluation {k.run}/{k.model}/{k.split}@{k.step} is not finalized yet")
+        result = evaluation_pb2.EvaluationResult.FromString(row.result)
+        blob = await self._io(self.store.final_records, row.evaluation_id)
+        records = None if blob is None else await self._io(Records.from_bytes, blob)
+        return CandidateInput(
+            run=k.run,
+            model=k.model,
+            split=k.split,
+            step=k.step,
+            evaluation_id=row.evaluation_id,
+            num_classes=row.num_classes,
+            metrics=dict(result.metrics),
+            records=records,
+        )
+
+
+def ref_to_args(ref: evaluation_pb2.EvaluationRef) -> tuple[str, str, str, int | None]:
+    return ref.run, ref.model, ref.split or "validation", ref.step if ref.HasField("step") else None
+
+
+def check_metric(name: str, top_k: tuple[int, ...]) -> bool:
+    """Direction of a metric that can rank models; INVALID_ARGUMENT listing the valid names otherwise."""
+    try:
+        return direction(name, top_k)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+__all__ = ["EvalStreamServicer", "ServiceError", "check_metric", "ref_to_args"]

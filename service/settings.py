@@ -1,0 +1,293 @@
+"""Server configuration: defaults < TOML/YAML file < ``EVALSTREAM_*`` environment < explicit overrides.
+
+Every setting is a field of ``Settings`` with its documentation next to it
+(docs/configuration.md is the same table for readers). The file is flat
+(``data_dir = "/var/lib/evalstream"``) or nested under an ``[evalstream]``
+table; an environment variable is the field name in upper case with the
+``EVALSTREAM_`` prefix, lists comma-separated (``EVALSTREAM_TOP_K=1,5,10``).
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+from .engine.config import DEFAULT_INVERSE_TEMPERATURES, EngineConfig
+from .engine.registry import direction
+
+ENV_PREFIX = "EVALSTREAM_"
+MIB = 1 << 20
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start. Immutable: a change needs a restart."""
+
+    grpc_address: str = field(
+        default="127.0.0.1:50051",
+        metadata=_doc(
+            "host:port the gRPC server listens on; loopback by default because auth is off by default"
+        ),
+    )
+    metrics_address: str = field(
+        default="127.0.0.1:9464",
+        metadata=_doc("host:port of the Prometheus /metrics endpoint; empty disables it"),
+    )
+    data_dir: str = field(
+        default="./evalstream-data",
+        metadata=_doc("directory of the SQLite database (WAL) and the per-sample records files"),
+    )
+    device: str = field(default="auto", metadata=_doc('"auto" (CUDA when available), "cpu" or "cuda:N"'))
+    torch_threads: int = field(
+        default=1, metadata=_doc("torch intra-op threads; 1 leaves the other core to gRPC and SQLite")
+    )
+    worker_threads: int = field(
+        default=2, metadata=_doc("threads decoding and reducing chunks off the event loop")
+    )
+    primary_metric: str = field(
+        default="nll", metadata=_doc("metric CompareModels ranks by when the request names none")
+    )
+    secondary_metric: str = field(
+        default="accuracy_top1", metadata=_doc("metric CompareModels reports next to the primary one")
+    )
+    top_k: tuple[int, ...] = field(default=(1, 5), metadata=_doc("k of every reported top-k accuracy"))
+    num_bins: int = field(default=15, metadata=_doc("calibration (reliability) bins"))
+    inverse_temperatures: tuple[float, ...] = field(
+        default=DEFAULT_INVERSE_TEMPERATURES,
+        metadata=_doc("temperature grid as 1/T, increasing, must contain 1.0"),
+    )
+    block_rows: int = field(default=1024, metadata=_doc("rows per fused engine pass"))
+    max_message_bytes: int = field(
+        default=8 * MIB, metadata=_doc("largest gRPC message accepted; larger ones end the stream")
+    )
+    max_chunk_rows: int = field(
+        default=65536, metadata=_doc("largest chunk in samples; larger chunks are rejected (chunk_too_large)")
+    )
+    max_open_shards: int = field(
+        default=1024, metadata=_doc("shards streaming at once on this server (RESOURCE_EXHAUSTED beyond)")
+    )
+    max_open_shards_per_connection: int = field(
+        default=64, metadata=_doc("shards streaming at once from one client connection")
+    )
+    max_samples_per_evaluation: int = field(
+        default=100_000_000, metadata=_doc("samples one evaluation may hold (chunks beyond are rejected)")
+    )
+    retention_keep_latest: int = field(
+        default=5,
+        metadata=_doc(
+            "per-sample records are kept for the latest N finalized evaluations of each run/model/split "
+            "(and pinned ones); older ones keep their metrics only; 0 keeps all"
+        ),
+    )
+    store_synchronous: str = field(
+        default="normal",
+        metadata=_doc(
+            'SQLite synchronous mode: "normal" survives a process crash (SIGKILL), '
+            '"full" also survives power loss at one fsync per commit'
+        ),
+    )
+    compare_bootstrap_replicates: int = field(
+        default=1000, metadata=_doc("bootstrap replicates of CompareModels")
+    )
+    compare_confidence_level: float = field(default=0.95, metadata=_doc("confidence level of CompareModels"))
+    compare_tie_tolerance: float = field(
+        default=0.0, metadata=_doc("primary-metric difference below which candidates count as tied")
+    )
+    exporter_max_series: int = field(
+        default=1000, metadata=_doc("most run/model/split series the quality exporter publishes")
+    )
+    shutdown_grace_s: float = field(
+        default=10.0, metadata=_doc("seconds SIGTERM waits for open streams before cancelling them")
+    )
+    tls_cert_file: str = field(default="", metadata=_doc("PEM server certificate; empty serves plaintext"))
+    tls_key_file: str = field(default="", metadata=_doc("PEM private key of tls_cert_file"))
+    tls_client_ca_file: str = field(
+        default="", metadata=_doc("PEM CA bundle; when set, clients must present a certificate (mTLS)")
+    )
+    auth_tokens_file: str = field(
+        default="", metadata=_doc("file of bearer tokens (one a line) allowed every RPC; empty disables auth")
+    )
+    auth_read_only_tokens_file: str = field(
+        default="", metadata=_doc("file of bearer tokens allowed Get/List/Compare only")
+    )
+    metrics_tls_cert_file: str = field(
+        default="", metadata=_doc("PEM certificate for the /metrics endpoint; empty serves plain HTTP")
+    )
+    metrics_tls_key_file: str = field(default="", metadata=_doc("PEM private key of metrics_tls_cert_file"))
+    metrics_tls_client_ca_file: str = field(
+        default="", metadata=_doc("PEM CA bundle; when set, scrapers must present a certificate")
+    )
+    log_level: str = field(default="INFO", metadata=_doc("Python logging level"))
+
+    def __post_init__(self) -> None:
+        positive = (
+            "worker_threads",
+            "max_message_bytes",
+            "max_chunk_rows",
+            "max_open_shards",
+            "max_open_shards_per_connection",
+            "max_samples_per_evaluation",
+            "compare_bootstrap_replicates",
+            "exporter_max_series",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads < 0 or self.retention_keep_latest < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("torch_threads, retention_keep_latest and shutdown_grace_s must be >= 0")
+        if self.store_synchronous not in ("normal", "full"):
+            raise ValueError(f'store_synchronous must be "normal" or "full", got {self.store_synchronous!r}')
+        if not 0.0 < self.compare_confidence_level < 1.0:
+            raise ValueError(
+                f"compare_confidence_level must be in (0, 1), got {self.compare_confidence_level}"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        self.engine_config()  # validates top_k, bins, temperature grid
+        for name in ("primary_metric", "secondary_metric"):
+            try:
+                direction(getattr(self, name), self.top_k)
+            except ValueError as exc:
+                raise ValueError(f"setting {name}: {exc}") from None
+
+    @property
+    def primary_higher_is_better(self) -> bool:
+        """Direction of the primary metric, from the metric registry (nll: lower is better)."""
+        return direction(self.primary_metric, self.top_k)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            top_k=self.top_k,
+            num_bins=self.num_bins,
+            inverse_temperatures=self.inverse_temperatures,
+            device=self.device,
+            block_rows=self.block_rows,
+            intra_op_threads=self.torch_threads,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Defaults, then the file at ``path`` (.toml, .yaml/.yml), then ``EVALSTREAM_*``, then overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_coerce_all(read_file(Path(path)), source=str(path)))
+        env = os.environ if env is None else env
+        known = _field_types()
+        # Other EVALSTREAM_* variables (the client's, the token lists read by auth.py) are not settings.
+        from_env = {
+            key[len(ENV_PREFIX) :].lower(): value
+            for key, value in env.items()
+            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in known
+        }
+        values.update(_coerce_all(from_env, source="environment (EVALSTREAM_*)"))
+        values.update(_coerce_all(overrides, source="overrides"))
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(name, default, doc) of every setting: the source of docs/configuration.md."""
+        out = []
+        for f in fields(cls):
+            default = f.default
+            shown = ",".join(str(v) for v in default) if isinstance(default, tuple) else str(default)
+            out.append((f.name, shown, str(f.metadata.get("doc", ""))))
+        return out
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """A config file as a flat mapping; an ``evalstream`` table/section is unwrapped."""
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        data: Any = tomllib.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    if set(data) == {"evalstream"} and isinstance(data["evalstream"], dict):
+        data = data["evalstream"]
+    return dict(data)
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _field_types() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(Settings))
+    return _HINTS
+
+
+def _coerce_all(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    types_by_name = _field_types()
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in types_by_name:
+            valid = ", ".join(sorted(types_by_name))
+            raise ValueError(f"unknown setting {name!r} in {source}; valid settings: {valid}")
+        try:
+            out[name] = _coerce(value, types_by_name[name])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"setting {name} from {source}: {exc}") from None
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Turn a file or environment value into the field's type (strings come from the environment)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(hint)
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+        return tuple(_coerce(v, item_type) for v in items)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported setting type {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    if hint is float:
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | int | float):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported setting type {hint}")
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some settings changed (validated like a fresh load)."""
+    return dataclasses.replace(settings, **changes)
