@@ -1,0 +1,210 @@
+"""compare_models: validate, align, rank, test, gate, diagnose; the numbers of CompareModels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from evalstream.service.engine.config import EngineConfig
+from evalstream.service.engine.registry import MetricInfo, direction, metric_infos
+
+from .agreement import kendall_tau_b
+from .align import Aligned, align
+from .bootstrap import Interval, paired_bootstrap, unpaired_bootstrap
+from .diagnosis import diagnose, disagree
+from .gate import GateSpec, evaluate_gate
+from .inputs import CandidateInput, CompareError, CompareOptions
+from .mcnemar import discordant, mcnemar_exact
+from .ranking import competition_ranks, display_names, order_candidates, oriented
+from .result import CandidateOutcome, Comparison
+from .statistics import statistic_for
+from .verdict import write_verdict
+
+
+def _direction(name: str, config: EngineConfig, role: str) -> bool:
+    try:
+        return direction(name, config.top_k)
+    except ValueError as err:
+        raise CompareError("INVALID_ARGUMENT", f"{role} metric: {err}") from None
+
+
+def _validate(
+    candidates: Sequence[CandidateInput], everyone: Sequence[CandidateInput], options: CompareOptions
+) -> None:
+    if not candidates:
+        raise CompareError("INVALID_ARGUMENT", "no candidates to compare: name evaluations or a run")
+    ids = [c.evaluation_id for c in candidates]
+    if len(set(ids)) != len(ids):
+        raise CompareError("INVALID_ARGUMENT", f"a candidate is named twice: {sorted(ids)}")
+    if options.replicates < 1:
+        raise CompareError("INVALID_ARGUMENT", f"bootstrap replicates must be >= 1, got {options.replicates}")
+    if not 0.0 < options.confidence_level < 1.0:
+        raise CompareError(
+            "INVALID_ARGUMENT", f"confidence level must be in (0, 1), got {options.confidence_level}"
+        )
+    for attr, what in (("split", "split"), ("num_classes", "class count")):
+        values = {getattr(c, attr) for c in everyone}
+        if len(values) > 1:
+            detail = ", ".join(f"{c.model}@{c.step}: {getattr(c, attr)}" for c in everyone)
+            raise CompareError("FAILED_PRECONDITION", f"candidates differ in {what} ({detail})")
+
+
+def _gate_spec(options: CompareOptions, infos: dict[str, MetricInfo]) -> GateSpec | None:
+    gate = options.gate
+    if gate is None:
+        return None
+    for name in [*gate.upper_bounds, *gate.lower_bounds]:
+        if name not in infos:
+            raise CompareError(
+                "INVALID_ARGUMENT",
+                f"gate bound on unknown metric {name!r}; valid: {', '.join(sorted(infos))}",
+            )
+    return GateSpec(
+        gate.min_absolute_improvement,
+        gate.min_relative_improvement,
+        dict(gate.upper_bounds),
+        dict(gate.lower_bounds),
+    )
+
+
+def _significance(
+    aligned: Aligned, order: list[int], count: int, num_classes: int, options: CompareOptions
+) -> tuple[dict[int, Interval], dict[int, float]]:
+    """CIs of the primary-metric difference to the best, and McNemar p-values (paired only)."""
+    best = order[0]
+    records = aligned.records
+    with_records = [i for i in range(count) if records[i] is not None]
+    if records[best] is None or len(with_records) < 2:
+        return {}, {}
+    config = options.engine()
+    stats = []
+    for i in with_records:
+        stat = statistic_for(options.primary_metric, records[i], num_classes, config)  # type: ignore[arg-type]
+        if stat is None:
+            return {}, {}
+        stats.append(stat)
+    pos = with_records.index(best)
+    if aligned.paired:
+        found = paired_bootstrap(
+            stats, pos, aligned.common_samples, options.replicates, options.confidence_level, options.seed
+        )
+    else:
+        sizes = [len(records[i]) for i in with_records]  # type: ignore[arg-type]
+        found = unpaired_bootstrap(
+            stats, sizes, pos, options.replicates, options.confidence_level, options.seed
+        )
+    intervals = dict(zip(with_records, found, strict=True))
+    pvalues: dict[int, float] = {}
+    if aligned.paired:
+        for i in with_records:
+            if i != best:
+                b, c = discordant(records[best].correct, records[i].correct)  # type: ignore[union-attr]
+                pvalues[i] = mcnemar_exact(b, c)
+    return intervals, pvalues
+
+
+def _agreements(
+    metrics: list[dict[str, float]], names: Sequence[str], config: EngineConfig
+) -> list[tuple[str, str, float]]:
+    infos = metric_infos(config.top_k)
+    usable = [
+        m
+        for m in names
+        if m in infos and infos[m].higher_is_better is not None and all(m in row for row in metrics)
+    ]
+    out = []
+    for i, a in enumerate(usable):
+        for b in usable[i + 1 :]:
+            xa = [oriented(row[a], direction(a, config.top_k)) for row in metrics]
+            xb = [oriented(row[b], direction(b, config.top_k)) for row in metrics]
+            tau = kendall_tau_b(xa, xb)
+            if tau is not None:
+                out.append((a, b, tau))
+    return out
+
+
+def compare(
+    candidates: Sequence[CandidateInput], options: CompareOptions, baseline: CandidateInput | None = None
+) -> Comparison:
+    """The comparison as dataclasses (``compare_models`` returns it as the proto response)."""
+    config = options.engine()
+    infos = metric_infos(config.top_k)
+    higher = _direction(options.primary_metric, config, "primary")
+    secondary_higher = _direction(options.secondary_metric, config, "secondary")
+    spec = _gate_spec(options, infos)
+    if spec is not None and baseline is None:
+        raise CompareError("INVALID_ARGUMENT", "a gate needs a baseline evaluation")
+    ids = [c.evaluation_id for c in candidates]
+    extra = [] if baseline is None or baseline.evaluation_id in ids else [baseline]
+    everyone = [*candidates, *extra]
+    _validate(candidates, everyone, options)
+    aligned = align(everyone, config)
+    count = len(candidates)
+    metrics = aligned.metrics[:count]
+    for c, m in zip(candidates, metrics, strict=True):
+        if not math.isfinite(m.get(options.primary_metric, math.nan)):
+            raise CompareError(
+                "FAILED_PRECONDITION", f"{c.model}@{c.step} has no value for {options.primary_metric}"
+            )
+    names = display_names([(c.run, c.model, c.step) for c in candidates])
+    primary = [oriented(m[options.primary_metric], higher) for m in metrics]
+    secondary = [oriented(m.get(options.secondary_metric, math.nan), secondary_higher) for m in metrics]
+    order = order_candidates(primary, secondary, names, options.tie_tolerance)
+    best = order[0]
+    intervals, pvalues = _significance(aligned, order, count, candidates[0].num_classes, options)
+
+    ranking = [n for n, i in infos.items() if i.higher_is_better is not None and all(n in m for m in metrics)]
+    ranks = {
+        n: competition_ranks(
+            [oriented(m[n], bool(infos[n].higher_is_better)) for m in metrics], options.tie_tolerance
+        )
+        for n in ranking
+    }
+    base_metrics = None
+    if baseline is not None:
+        base_metrics = aligned.metrics[ids.index(baseline.evaluation_id) if not extra else count]
+    outcomes = []
+    for position, i in enumerate(order, start=1):
+        c, m = candidates[i], metrics[i]
+        interval = intervals.get(i)
+        outcomes.append(
+            CandidateOutcome(
+                run=c.run,
+                model=c.model,
+                split=c.split,
+                step=c.step,
+                evaluation_id=c.evaluation_id,
+                name=names[i],
+                rank=position,
+                metrics=m,
+                delta_to_best={k: v - metrics[best][k] for k, v in m.items() if k in metrics[best]},
+                rank_by_metric={n: ranks[n][i] for n in ranking},
+                interval=interval,
+                distinguishable=i != best and interval is not None and interval.excludes_zero,
+                mcnemar_p=pvalues.get(i),
+                samples_used=aligned.samples_used[i],
+                gate=None
+                if spec is None or base_metrics is None
+                else evaluate_gate(spec, options.primary_metric, higher, m, base_metrics),
+            )
+        )
+    diagnoses = []
+    for x, i in enumerate(order):
+        for j in order[x + 1 :]:
+            if disagree(metrics[i], metrics[j], options.tie_tolerance):
+                ri, rj = (aligned.records[i], aligned.records[j]) if aligned.paired else (None, None)
+                diagnoses.append(diagnose(names[i], metrics[i], names[j], metrics[j], ri, rj))
+    result = Comparison(
+        primary_metric=options.primary_metric,
+        higher_is_better=higher,
+        candidates=outcomes,
+        paired=aligned.paired,
+        common_samples=aligned.common_samples,
+        replicates=options.replicates,
+        seed=options.seed,
+        confidence_level=options.confidence_level,
+        diagnoses=diagnoses,
+        agreements=_agreements(metrics, options.agreement_metrics, config) if count >= 2 else [],
+    )
+    result.verdict = write_verdict(result, baseline.model if baseline is not None else None)
+    return result

@@ -1,0 +1,46 @@
+"""The comparison as plain dataclasses; to_proto.py turns it into the response."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .bootstrap import Interval
+from .diagnosis import PairDiagnosisResult
+from .gate import GateOutcome
+
+
+@dataclass
+class CandidateOutcome:
+    run: str
+    model: str
+    split: str
+    step: int
+    evaluation_id: str
+    name: str
+    rank: int
+    metrics: dict[str, float]
+    delta_to_best: dict[str, float]
+    rank_by_metric: dict[str, int]
+    # Difference of the primary metric to the best; None without records.
+    interval: Interval | None
+    distinguishable: bool
+    # McNemar's exact p-value against the best; None when not paired.
+    mcnemar_p: float | None
+    samples_used: int
+    gate: GateOutcome | None = None
+
+
+@dataclass
+class Comparison:
+    primary_metric: str
+    higher_is_better: bool
+    candidates: list[CandidateOutcome]
+    paired: bool
+    common_samples: int
+    replicates: int
+    seed: int
+    confidence_level: float
+    diagnoses: list[PairDiagnosisResult] = field(default_factory=list)
+    # (metric_a, metric_b, tau)
+    agreements: list[tuple[str, str, float]] = field(default_factory=list)
+    verdict: str = ""

@@ -1,0 +1,53 @@
+"""Weighted statistics equal the engine's metrics: at unit weights, and at integer weights on the
+records repeated that many times (what a bootstrap resample is)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.engine.metrics import compute_metrics
+from evalstream.service.engine.registry import metric_infos
+
+from .synth import CONFIG, records_of, world
+
+N, C = 3000, 40
+RANKING = sorted(n for n, i in metric_infos(CONFIG.top_k).items() if i.higher_is_better is not None)
+# Fixed by the full sample (bins / class buckets) or quantiles: equal at unit weights only.
+FULL_SAMPLE_DEFINED = {"adaptive_ece", "accuracy_head", "accuracy_torso", "accuracy_tail"}
+QUANTILES = {"nll_p50", "nll_p90", "nll_p99"}
+
+
+@pytest.fixture(scope="module")
+def records():
+    logits, labels = world(N, C, seed=7)
+    return records_of(1.5 * logits, labels, np.arange(N))
+
+
+def test_every_ranking_metric_has_a_statistic(records) -> None:
+    missing = [n for n in RANKING if statistic_for(n, records, C, CONFIG) is None]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", RANKING)
+def test_unit_weights_equal_engine(records, name: str) -> None:
+    expected = compute_metrics(records, C, CONFIG).scalars()[name]
+    got = statistic_for(name, records, C, CONFIG).point(len(records))
+    if name in QUANTILES:
+        # Lower inverted CDF vs linear interpolation: within one gap between sorted values.
+        s = np.sort(records.nll.astype(np.float64))
+        assert abs(got - expected) <= np.max(np.diff(s)) + 1e-9
+    else:
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in RANKING if n not in FULL_SAMPLE_DEFINED | QUANTILES])
+def test_integer_weights_equal_engine_on_repeated_samples(records, name: str) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.poisson(1.0, size=(3, len(records))).astype(np.float32)
+    got = statistic_for(name, records, C, CONFIG).evaluate(w)
+    for r in range(3):
+        repeated = records.take(np.repeat(np.arange(len(records)), w[r].astype(np.int64)))
+        expected = compute_metrics(repeated, C, CONFIG, dedupe=False).scalars()[name]
+        assert got[r] == pytest.approx(expected, rel=1e-5, abs=1e-6)
