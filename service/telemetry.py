@@ -17,6 +17,30 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 # Seconds; chunk work is sub-millisecond to tens of milliseconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Reasons a chunk can be refused (ChunkError.reason). Their counters start at 0 so that
+# rate() sees the first rejection of each reason: a labelled counter that is born at 1
+# has no earlier sample to rise from. tests/observability/test_telemetry.py checks this
+# list against the ChunkError reasons raised in service/; an unlisted reason still counts.
+REJECTION_REASONS = (
+    "bad_dtype",
+    "bad_shape",
+    "byte_length_mismatch",
+    "chunk_too_large",
+    "class_count_mismatch",
+    "dtype_unspecified",
+    "evaluation_too_large",
+    "label_count_mismatch",
+    "label_dtype",
+    "label_out_of_range",
+    "log_probabilities_invalid",
+    "non_finite",
+    "sample_id_dtype",
+    "sample_id_negative",
+    "sample_ids_length",
+    "score_dtype",
+    "shape_mismatch",
+)
+
 
 class Telemetry:
     """Counters, histograms and gauges the server updates as it works."""
@@ -37,6 +61,8 @@ class Telemetry:
         self.rejected_chunks = Counter(
             "evalstream_ingest_rejected_chunks", "Chunks refused, by reason", ["reason"], registry=r
         )
+        for reason in REJECTION_REASONS:
+            self.rejected_chunks.labels(reason=reason)
         self.decode_seconds = Histogram(
             "evalstream_chunk_decode_seconds",
             "Time to decode a chunk's tensors",
