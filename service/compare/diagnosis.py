@@ -80,9 +80,14 @@ def flips(a: Records, b: Records) -> FlipCounts:
     )
 
 
-def _pt(x: float) -> str:
-    """A fraction as percentage points."""
+def _pct(x: float) -> str:
+    """A fraction as a percentage."""
     return f"{100.0 * x:.1f}%"
+
+
+def _pt(x: float) -> str:
+    """A difference of fractions in percentage points."""
+    return f"{100.0 * x:.1f} pt"
 
 
 def diagnose(
@@ -113,8 +118,8 @@ def diagnose(
         causes.append("confidently_wrong")
         findings.append(
             f"{name_b} is right {_pt(acc_gap)} more often but pays {g(b, 'nll_wrong'):.3f} nats per error "
-            f"vs {g(a, 'nll_wrong'):.3f} for {name_a}; errors make {_pt(g(b, 'loss_share_wrong'))} of its "
-            f"loss vs {_pt(g(a, 'loss_share_wrong'))}."
+            f"vs {g(a, 'nll_wrong'):.3f} for {name_a}; errors make {_pct(g(b, 'loss_share_wrong'))} of its "
+            f"loss vs {_pct(g(a, 'loss_share_wrong'))}."
         )
     if g(b, "overconfidence") > g(a, "overconfidence") and g(b, "ece") > g(a, "ece"):
         causes.append("overconfident")
@@ -128,8 +133,8 @@ def diagnose(
         findings.append(
             f"{name_b} gains {_pt(acc_gap)} top-1 accuracy but loses "
             f"{_pt(g(a, 'balanced_accuracy') - g(b, 'balanced_accuracy'))} balanced accuracy: head "
-            f"{_pt(g(b, 'accuracy_head'))} vs {_pt(g(a, 'accuracy_head'))}, tail "
-            f"{_pt(g(b, 'accuracy_tail'))} vs {_pt(g(a, 'accuracy_tail'))}, label-vs-prediction distance "
+            f"{_pct(g(b, 'accuracy_head'))} vs {_pct(g(a, 'accuracy_head'))}, tail "
+            f"{_pct(g(b, 'accuracy_tail'))} vs {_pct(g(a, 'accuracy_tail'))}, label-vs-prediction distance "
             f"{g(b, 'prediction_shift_tv'):.3f} vs {g(a, 'prediction_shift_tv'):.3f}: it predicts "
             f"frequent classes more often."
         )

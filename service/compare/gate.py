@@ -48,7 +48,9 @@ def evaluate_gate(
         reasons.append(f"{primary} is missing for the candidate or the baseline")
     else:
         improvement = (value - base) if higher_is_better else (base - value)
-        if improvement < spec.min_absolute_improvement:
+        if improvement < spec.min_absolute_improvement and spec.min_absolute_improvement == 0.0:
+            reasons.append(f"{primary} is worse than the baseline's ({_fmt(value)} vs {_fmt(base)})")
+        elif improvement < spec.min_absolute_improvement:
             reasons.append(
                 f"{primary} improves on the baseline by {_fmt(improvement)} "
                 f"({_fmt(value)} vs {_fmt(base)}), needs at least {_fmt(spec.min_absolute_improvement)}"

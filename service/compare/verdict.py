@@ -61,8 +61,8 @@ def write_verdict(result: Comparison, baseline: str | None) -> str:
         failed = [c.name for c in gated if c.gate is not None and not c.gate.passed]
         parts = []
         if passed:
-            parts.append(f"{', '.join(passed)} pass")
+            parts.append(f"{', '.join(passed)} {'passes' if len(passed) == 1 else 'pass'}")
         if failed:
-            parts.append(f"{', '.join(failed)} fail")
+            parts.append(f"{', '.join(failed)} {'fails' if len(failed) == 1 else 'fail'}")
         sentences.append(f"Gate against {baseline}: {'; '.join(parts)}.")
     return " ".join(sentences)

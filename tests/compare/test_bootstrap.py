@@ -7,8 +7,9 @@ import pytest
 
 from evalstream.service.compare import weights
 from evalstream.service.compare.bootstrap import paired_bootstrap, unpaired_bootstrap
-from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.compare.statistics import Statistic, statistic_for
 from evalstream.service.compare.weights import POISSON_TABLE, reference_weights, weight_blocks
+from evalstream.service.engine.records import Records
 
 from .synth import CONFIG, records_of, world
 
@@ -20,7 +21,7 @@ def test_poisson_table_has_mean_and_variance_one() -> None:
     assert POISSON_TABLE.var() == pytest.approx(1.0, abs=1e-3)
 
 
-def test_blocks_do_not_change_the_weights(monkeypatch) -> None:
+def test_blocks_do_not_change_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(weights, "BLOCK_ELEMENTS", 3 * N)  # 3 replicates a block
     blocks = list(weight_blocks(11, 10, N))
     assert [len(b) for b in blocks] == [3, 3, 3, 1]
@@ -28,12 +29,18 @@ def test_blocks_do_not_change_the_weights(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair() -> tuple[Records, Records]:
     logits, labels = world(N, C, seed=3)
     rng = np.random.default_rng(4)
     a = records_of(logits, labels, np.arange(N))
     b = records_of(logits + 1.5 * rng.standard_normal(logits.shape), labels, np.arange(N))
     return a, b
+
+
+def _stat(name: str, records: Records) -> Statistic:
+    stat = statistic_for(name, records, C, CONFIG)
+    assert stat is not None
+    return stat
 
 
 def _ece(w: np.ndarray, conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -48,9 +55,9 @@ def _reference_interval(values: np.ndarray, level: float) -> tuple[float, float]
     return float(lo), float(hi)
 
 
-def test_paired_nll_interval_matches_numpy_reference(pair) -> None:
+def test_paired_nll_interval_matches_numpy_reference(pair: tuple[Records, Records]) -> None:
     a, b = pair
-    stats = [statistic_for("nll", r, C, CONFIG) for r in (a, b)]
+    stats = [_stat("nll", r) for r in (a, b)]
     got = paired_bootstrap(stats, 0, N, R, 0.9, seed=5)
     w = reference_weights(5, R, N).astype(np.float64)
     d = b.nll.astype(np.float64) - a.nll.astype(np.float64)
@@ -63,9 +70,9 @@ def test_paired_nll_interval_matches_numpy_reference(pair) -> None:
     assert got[1].level == 0.9
 
 
-def test_paired_ece_interval_matches_numpy_reference(pair) -> None:
+def test_paired_ece_interval_matches_numpy_reference(pair: tuple[Records, Records]) -> None:
     a, b = pair
-    stats = [statistic_for("ece", r, C, CONFIG) for r in (a, b)]
+    stats = [_stat("ece", r) for r in (a, b)]
     got = paired_bootstrap(stats, 1, N, R, 0.95, seed=9)
     w = reference_weights(9, R, N).astype(np.float64)
     ca, cb = (r.confidence.astype(np.float64) for r in (a, b))
@@ -75,9 +82,9 @@ def test_paired_ece_interval_matches_numpy_reference(pair) -> None:
     assert got[0].upper == pytest.approx(hi, rel=1e-4, abs=1e-7)
 
 
-def test_unpaired_interval_uses_independent_streams(pair) -> None:
+def test_unpaired_interval_uses_independent_streams(pair: tuple[Records, Records]) -> None:
     a, b = pair
-    stats = [statistic_for("accuracy_top1", r, C, CONFIG) for r in (a, b)]
+    stats = [_stat("accuracy_top1", r) for r in (a, b)]
     got = unpaired_bootstrap(stats, [N, N], 0, R, 0.95, seed=2)
     wa, wb = (reference_weights(2 + i, R, N).astype(np.float64) for i in range(2))
     xa, xb = (r.correct.astype(np.float64) for r in (a, b))
@@ -90,9 +97,9 @@ def test_unpaired_interval_uses_independent_streams(pair) -> None:
     assert got[1].upper - got[1].lower > paired[1].upper - paired[1].lower
 
 
-def test_same_seed_same_interval_other_seed_other(pair) -> None:
+def test_same_seed_same_interval_other_seed_other(pair: tuple[Records, Records]) -> None:
     a, b = pair
-    stats = [statistic_for("calibrated_nll", r, C, CONFIG) for r in (a, b)]
+    stats = [_stat("calibrated_nll", r) for r in (a, b)]
     first = paired_bootstrap(stats, 0, N, 100, 0.95, seed=1)
     again = paired_bootstrap(stats, 0, N, 100, 0.95, seed=1)
     other = paired_bootstrap(stats, 0, N, 100, 0.95, seed=2)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evalstream.service.compare import CompareError, CompareOptions, compare, compare_models
+from evalstream.service.compare import CandidateInput, CompareError, CompareOptions, compare, compare_models
 from evalstream.v1 import compare_pb2
 
 from .synth import candidate, sample_labels, world, zipf_prior
@@ -18,11 +18,13 @@ FAST = CompareOptions(replicates=300)
 
 
 @pytest.fixture(scope="module")
-def truth():
+def truth() -> tuple[np.ndarray, np.ndarray]:
     return world(N, C, seed=0, sharpness=2.0)
 
 
-def test_temperature_scaled_copy_same_accuracy_higher_loss_and_t_star_recovers_scale(truth) -> None:
+def test_temperature_scaled_copy_same_accuracy_higher_loss_and_t_star_recovers_scale(
+    truth: tuple[np.ndarray, np.ndarray],
+) -> None:
     logits, labels = truth
     calibrated = candidate("calibrated", logits, labels, IDS)
     for scale in (2.0, 1.6):
@@ -39,7 +41,7 @@ def test_temperature_scaled_copy_same_accuracy_higher_loss_and_t_star_recovers_s
         assert result.diagnoses == []  # accuracy ties, so loss and accuracy do not disagree
 
 
-def test_identical_models_are_not_distinguishable(truth) -> None:
+def test_identical_models_are_not_distinguishable(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     a = candidate("a", logits, labels, IDS)
     b = candidate("b", logits, labels, IDS)
@@ -51,7 +53,7 @@ def test_identical_models_are_not_distinguishable(truth) -> None:
     assert "No candidate is distinguishable" in result.verdict
 
 
-def test_clearly_better_model_is_distinguishable(truth) -> None:
+def test_clearly_better_model_is_distinguishable(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     rng = np.random.default_rng(1)
     good = candidate("good", logits, labels, IDS)
@@ -65,7 +67,7 @@ def test_clearly_better_model_is_distinguishable(truth) -> None:
     assert worse.rank_by_metric["accuracy_top1"] == 2 and worse.delta_to_best["accuracy_top1"] < 0
 
 
-def majority_world(seed: int = 3):
+def majority_world(seed: int = 3) -> tuple[CandidateInput, CandidateInput]:
     rng = np.random.default_rng(seed)
     likelihood = 2.0 * rng.standard_normal((N, C))
     prior = np.log(zipf_prior(C, 1.2))
@@ -92,7 +94,7 @@ def test_majority_model_higher_accuracy_lower_balanced_accuracy_diagnosed() -> N
     assert diag.flips.b_right_a_wrong > diag.flips.a_right_b_wrong
 
 
-def three_variants():
+def three_variants() -> tuple[CandidateInput, CandidateInput, np.ndarray]:
     """The motivating case: a calibrated baseline, a sharper more accurate variant, a prior-biased one."""
     logits, labels = world(N, C, seed=1, sharpness=2.0)
     rng = np.random.default_rng(5)
@@ -152,7 +154,7 @@ def test_common_ids_only_and_metrics_recomputed() -> None:
     assert got["nll"] == pytest.approx(shared.metrics["nll"], rel=1e-9)
 
 
-def test_without_ids_the_bootstrap_is_unpaired_and_says_so(truth) -> None:
+def test_without_ids_the_bootstrap_is_unpaired_and_says_so(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     a = candidate("a", logits, labels)
     b = candidate("b", 1.5 * logits, labels)
@@ -163,7 +165,7 @@ def test_without_ids_the_bootstrap_is_unpaired_and_says_so(truth) -> None:
     assert result.diagnoses == [] or result.diagnoses[0].flips is None
 
 
-def test_without_records_ranked_on_stored_metrics_only(truth) -> None:
+def test_without_records_ranked_on_stored_metrics_only(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     a = candidate("a", logits, labels, IDS)
     b = candidate("b", 1.5 * logits, labels, IDS, keep_records=False)
@@ -174,7 +176,7 @@ def test_without_records_ranked_on_stored_metrics_only(truth) -> None:
     assert "ranked on stored metrics only" in result.verdict
 
 
-def test_unknown_metric_lists_valid_names(truth) -> None:
+def test_unknown_metric_lists_valid_names(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     a = candidate("a", logits, labels, IDS)
     with pytest.raises(CompareError) as err:
@@ -183,7 +185,7 @@ def test_unknown_metric_lists_valid_names(truth) -> None:
     assert "accuracy_top1" in err.value.message and "balanced_accuracy" in err.value.message
 
 
-def test_preconditions(truth) -> None:
+def test_preconditions(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     a = candidate("a", logits, labels, IDS)
     other_split = candidate("b", logits, labels, IDS, split="test")
@@ -202,7 +204,7 @@ def test_preconditions(truth) -> None:
     assert err.value.code == "INVALID_ARGUMENT" and "baseline" in err.value.message
 
 
-def test_single_candidate_gated_against_baseline(truth) -> None:
+def test_single_candidate_gated_against_baseline(truth: tuple[np.ndarray, np.ndarray]) -> None:
     logits, labels = truth
     base = candidate("base", 1.5 * logits, labels, IDS)
     new = candidate("new", logits, labels, IDS)

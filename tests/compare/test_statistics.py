@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.compare.statistics import Statistic, statistic_for
 from evalstream.service.engine.metrics import compute_metrics
+from evalstream.service.engine.records import Records
 from evalstream.service.engine.registry import metric_infos
 
 from .synth import CONFIG, records_of, world
@@ -19,21 +20,27 @@ FULL_SAMPLE_DEFINED = {"adaptive_ece", "accuracy_head", "accuracy_torso", "accur
 QUANTILES = {"nll_p50", "nll_p90", "nll_p99"}
 
 
+def _stat(name: str, records: Records) -> Statistic:
+    stat = statistic_for(name, records, C, CONFIG)
+    assert stat is not None
+    return stat
+
+
 @pytest.fixture(scope="module")
-def records():
+def records() -> Records:
     logits, labels = world(N, C, seed=7)
     return records_of(1.5 * logits, labels, np.arange(N))
 
 
-def test_every_ranking_metric_has_a_statistic(records) -> None:
+def test_every_ranking_metric_has_a_statistic(records: Records) -> None:
     missing = [n for n in RANKING if statistic_for(n, records, C, CONFIG) is None]
     assert missing == []
 
 
 @pytest.mark.parametrize("name", RANKING)
-def test_unit_weights_equal_engine(records, name: str) -> None:
+def test_unit_weights_equal_engine(records: Records, name: str) -> None:
     expected = compute_metrics(records, C, CONFIG).scalars()[name]
-    got = statistic_for(name, records, C, CONFIG).point(len(records))
+    got = _stat(name, records).point(len(records))
     if name in QUANTILES:
         # Lower inverted CDF vs linear interpolation: within one gap between sorted values.
         s = np.sort(records.nll.astype(np.float64))
@@ -43,10 +50,10 @@ def test_unit_weights_equal_engine(records, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in RANKING if n not in FULL_SAMPLE_DEFINED | QUANTILES])
-def test_integer_weights_equal_engine_on_repeated_samples(records, name: str) -> None:
+def test_integer_weights_equal_engine_on_repeated_samples(records: Records, name: str) -> None:
     rng = np.random.default_rng(1)
     w = rng.poisson(1.0, size=(3, len(records))).astype(np.float32)
-    got = statistic_for(name, records, C, CONFIG).evaluate(w)
+    got = _stat(name, records).evaluate(w)
     for r in range(3):
         repeated = records.take(np.repeat(np.arange(len(records)), w[r].astype(np.int64)))
         expected = compute_metrics(repeated, C, CONFIG, dedupe=False).scalars()[name]

@@ -1,0 +1,63 @@
+"""Rendering: verdict first, a readable table; the plot writes a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evalstream.client.compare_view import plot_comparison, render_comparison
+from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
+from evalstream.service.convert import result_from_report
+from evalstream.service.engine.metrics import compute_metrics
+from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
+
+from .synth import CONFIG
+from .test_compare import three_variants
+
+Compared = tuple[service_pb2.CompareModelsResponse, list[CandidateInput]]
+
+
+@pytest.fixture(scope="module")
+def compared() -> Compared:
+    base, sharp, _ = three_variants()
+    # The sharper variant has the higher accuracy and fails an ECE bound.
+    gate = compare_pb2.Gate(upper_bounds={"ece": 0.05})
+    resp = compare_models([sharp, base], CompareOptions(replicates=200, gate=gate), baseline=base)
+    return resp, [base, sharp]
+
+
+def _evaluations(cands: list[CandidateInput]) -> dict[str, evaluation_pb2.Evaluation]:
+    out = {}
+    for c in cands:
+        assert c.records is not None
+        report = compute_metrics(c.records, c.num_classes, CONFIG)
+        out[c.evaluation_id] = evaluation_pb2.Evaluation(
+            evaluation_id=c.evaluation_id, result=result_from_report(report)
+        )
+    return out
+
+
+def test_verdict_comes_first_then_the_table(compared: Compared) -> None:
+    resp, _ = compared
+    text = render_comparison(resp)
+    lines = text.splitlines()
+    assert lines[0].startswith("base is best by nll")
+    header = next(i for i, line in enumerate(lines) if line.startswith("#"))
+    assert "NLL@T*" in lines[header] and "McNemar p" in lines[header] and "gate" in lines[header]
+    assert lines[header + 2].split()[:2] == ["1", "base"]
+    assert lines[header + 3].split()[:2] == ["2", "sharp"]
+    assert "FAIL" in lines[header + 3] and " *" in lines[header + 3]
+    assert "gate: sharp fails:" in text and "ece " in text.split("gate: sharp fails:")[1]
+    assert "Why loss and accuracy disagree:" in text and "confidence scale" in text
+    assert "flips: base alone right on" in text
+    assert max(len(line) for line in lines) <= 120
+
+
+def test_plot_writes_a_png(compared: Compared, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    resp, cands = compared
+    out = tmp_path / "compare.png"
+    plot_comparison(resp, _evaluations(cands), str(out))
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
