@@ -282,6 +282,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             seed=request.seed,
             top_k=self.settings.top_k,
             gate=request.gate if request.HasField("gate") else None,
+            engine_config=self.coordinator.engine_config,
         )
         return await self.coordinator._in_worker(compare_models, candidates, options, baseline)
 

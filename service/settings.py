@@ -105,7 +105,7 @@ class Settings:
     )
     compare_confidence_level: float = field(default=0.95, metadata=_doc("confidence level of CompareModels"))
     compare_tie_tolerance: float = field(
-        default=0.0, metadata=_doc("primary-metric difference below which candidates count as tied")
+        default=1e-9, metadata=_doc("primary-metric difference below which candidates count as tied")
     )
     exporter_max_series: int = field(
         default=1000, metadata=_doc("most run/model/split series the quality exporter publishes")
@@ -278,9 +278,15 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"expected an integer, got {value!r}")
-        return int(str(value).strip()) if isinstance(value, str) else int(value)
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if hint is float:
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     if hint is str:
         if not isinstance(value, str | int | float):
             raise ValueError(f"expected a string, got {value!r}")

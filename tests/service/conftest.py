@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,8 +15,8 @@ from evalstream.service.settings import Settings
 NUM_CLASSES = 50
 
 
-def small_settings(data_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
+def small_settings(data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
         "data_dir": str(data_dir),
         "grpc_address": "127.0.0.1:0",
         "metrics_address": "",

@@ -1,0 +1,62 @@
+"""Settings: defaults < TOML/YAML file < EVALSTREAM_* environment < overrides; typos are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evalstream.service.settings import Settings
+
+
+def test_precedence_file_env_overrides(tmp_path: Path) -> None:
+    toml = tmp_path / "s.toml"
+    toml.write_text('data_dir = "/from/file"\ntop_k = [1, 3]\nnum_bins = 20\nprimary_metric = "ece"\n')
+    s = Settings.load(toml, env={"EVALSTREAM_NUM_BINS": "10", "EVALSTREAM_TOKEN": "client-side"}, num_bins=7)
+    assert (s.data_dir, s.top_k, s.num_bins, s.primary_metric) == ("/from/file", (1, 3), 7, "ece")
+    assert s.primary_higher_is_better is False
+    s = Settings.load(toml, env={"EVALSTREAM_TOP_K": "1,5,10", "EVALSTREAM_STORE_SYNCHRONOUS": "full"})
+    assert s.top_k == (1, 5, 10) and s.store_synchronous == "full" and s.num_bins == 20
+    defaults = Settings.load(env={})
+    assert defaults.grpc_address == "127.0.0.1:50051" and defaults.metrics_address == "127.0.0.1:9464"
+    assert defaults.primary_metric == "nll" and defaults.retention_keep_latest == 5
+    assert defaults.max_message_bytes == 8 << 20 and defaults.torch_threads == 1
+
+
+def test_yaml_with_an_evalstream_section(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "evalstream:\n  device: cpu\n  inverse_temperatures: [0.5, 1.0, 2.0]\n  torch_threads: 2\n"
+    )
+    s = Settings.load(path, env={})
+    assert (s.device, s.inverse_temperatures, s.torch_threads) == ("cpu", (0.5, 1.0, 2.0), 2)
+    assert s.engine_config().temperatures == (0.5, 1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num_bin": 3}, "unknown setting 'num_bin'"),
+        ({"primary_metric": "mean_confidence"}, "valid:"),
+        ({"top_k": "1,x"}, "setting top_k"),
+        ({"max_open_shards": 0}, "max_open_shards must be >= 1"),
+        ({"inverse_temperatures": "0.5,2.0"}, "contain 1.0"),
+        ({"store_synchronous": "off"}, "store_synchronous"),
+    ],
+)
+def test_bad_values_say_what_to_fix(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.load(env={}, **values)
+
+
+def test_bad_env_value_names_the_source() -> None:
+    with pytest.raises(ValueError, match=r"environment.*expected an integer"):
+        Settings.load(env={"EVALSTREAM_NUM_BINS": "many"})
+
+
+def test_describe_lists_every_setting_with_docs() -> None:
+    rows = Settings.describe()
+    assert all(doc for _, _, doc in rows)
+    assert {"data_dir", "primary_metric", "retention_keep_latest", "max_samples_per_evaluation"} <= {
+        name for name, _, _ in rows
+    }
