@@ -174,6 +174,7 @@ def plot_comparison(
     and top-1 accuracy by head / torso / tail bucket, one colour per candidate (best first)."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -214,7 +215,7 @@ def plot_comparison(
             f"T*={scan.best_temperature:.2f}",
             (scan.best_temperature, scan.calibrated_nll),
             textcoords="offset points",
-            xytext=(6, -12),
+            xytext=(4, 8),
             color=colour,
         )
     rel.set(
@@ -223,6 +224,9 @@ def plot_comparison(
     rel.set_ylim(0, 1)
     rel.legend(loc="upper left", fontsize="small")
     temp.set_xscale("log")
+    ticks = [t for t in (0.25, 0.5, 1.0, 2.0, 4.0) if any(t in r.temperature.temperatures for r in results)]
+    temp.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    temp.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     temp.axvline(1.0, color="0.6", linestyle=":")
     temp.set(title="NLL against temperature (★ = T*)", xlabel="temperature T", ylabel="NLL (nats)")
     temp.legend(fontsize="small")
@@ -237,7 +241,7 @@ def plot_comparison(
     buck.set_xticks(range(3), [f"{b}\n(frequent)" if b == "head" else b for b in bucket_names])
     buck.set(title="Top-1 accuracy by class frequency", ylabel="accuracy")
     buck.legend(fontsize="small")
-    fig.suptitle(textwrap.shorten(resp.verdict, 150), fontsize="medium")
+    fig.suptitle(textwrap.shorten(resp.verdict.split(". ")[0], 150), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
