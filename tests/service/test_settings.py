@@ -60,3 +60,10 @@ def test_describe_lists_every_setting_with_docs() -> None:
     assert {"data_dir", "primary_metric", "retention_keep_latest", "max_samples_per_evaluation"} <= {
         name for name, _, _ in rows
     }
+
+
+def test_configuration_doc_lists_every_setting_and_default() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for name, default, _ in Settings.describe():
+        row = f"| `{name}` | `{default}` |" if default else f'| `{name}` | `""` |'
+        assert row in doc, f"docs/configuration.md is missing or outdated for {name}"
