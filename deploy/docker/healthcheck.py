@@ -48,7 +48,9 @@ def main() -> int:
     address = os.environ.get("EVALSTREAM_HEALTHCHECK_ADDRESS", "127.0.0.1:50051")
     try:
         with _channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=3
+            )
     except (grpc.RpcError, OSError) as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
