@@ -38,6 +38,9 @@ class Pki:
     rogue_ca_cert: Path
     rogue_client_cert: Path
     rogue_client_key: Path
+    # serverAuth + clientAuth: a server certificate the pod's own health check can present under mTLS.
+    dual_cert: Path
+    dual_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -99,14 +102,21 @@ def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _leaf(
-    cn: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *, server: bool
+    cn: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    *,
+    server: bool,
+    client: bool | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+    if client if client is not None else not server:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
         _builder(cn, ca_cert.subject, key.public_key())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if server:
         builder = builder.add_extension(
@@ -126,6 +136,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client_key, client_cert = _leaf("trainer", ca_key, ca_cert, server=False)
     rogue_ca_key, rogue_ca_cert = _ca("rogue CA")
     rogue_key, rogue_cert = _leaf("trainer", rogue_ca_key, rogue_ca_cert, server=False)
+    dual_key, dual_cert = _leaf("evalstream server", ca_key, ca_cert, server=True, client=True)
     return Pki(
         ca_cert=_write_cert(d / "ca.pem", ca_cert),
         server_cert=_write_cert(d / "server.pem", server_cert),
@@ -135,6 +146,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         rogue_ca_cert=_write_cert(d / "rogue-ca.pem", rogue_ca_cert),
         rogue_client_cert=_write_cert(d / "rogue-client.pem", rogue_cert),
         rogue_client_key=_write_key(d / "rogue-client.key", rogue_key),
+        dual_cert=_write_cert(d / "dual.pem", dual_cert),
+        dual_key=_write_key(d / "dual.key", dual_key),
     )
 
 

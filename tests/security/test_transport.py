@@ -74,6 +74,21 @@ def test_mutual_tls_accepts_only_certificates_from_its_ca(pki: Pki) -> None:
             _check(grpc.insecure_channel(server.target))
 
 
+def test_server_probing_itself_under_mutual_tls_needs_client_auth_usage(pki: Pki) -> None:
+    """A pod's health check presents the server's own certificate under mTLS: that works only
+    when the certificate allows clientAuth as well as serverAuth (docs/security.md says so)."""
+    settings = Settings(
+        tls_cert_file=str(pki.dual_cert), tls_key_file=str(pki.dual_key), tls_client_ca_file=str(pki.ca_cert)
+    )
+    with AioServer(auth.server_credentials(settings)) as server:
+        itself = auth.channel_credentials(pki.ca_cert, pki.dual_cert, pki.dual_key)
+        assert _check(grpc.secure_channel(server.target, itself)) == health_pb2.HealthCheckResponse.SERVING
+        server_only = auth.channel_credentials(pki.ca_cert, pki.server_cert, pki.server_key)
+        with pytest.raises(grpc.RpcError) as info:
+            _check(grpc.secure_channel(server.target, server_only))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_incomplete_tls_settings_are_errors(pki: Pki, tmp_path: Path) -> None:
     class Partial:
         tls_cert_file = str(pki.server_cert)
