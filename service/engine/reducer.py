@@ -2,10 +2,11 @@
 
 Per block of rows (z = scores upcast to float32, y = labels):
 
-    m, argmax   = max_c z_c                      (first index of the max)
+    m           = max_c z_c
     rank        = #{c : z_c > z_y}               (strictly larger; capped at max_rank)
+    pred        = y if rank == 0 else the first index of the max
     p           = softmax(z)                     (PyTorch's kernel, into a reused buffer)
-    conf        = p_argmax = 1 / S,  log S = -log conf,  S = sum_c exp(z_c - m)
+    conf        = max_c p_c = 1 / S,  log S = -log conf,  S = sum_c exp(z_c - m)
     nll         = (m - z_y) + log S
     brier       = sum_c p_c^2 - 2 p_y + 1
     entropy     = log S - sum_c p_c (z_c - m)
