@@ -17,7 +17,6 @@ matched. Token values are never logged.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -71,10 +70,6 @@ class Role(Enum):
 
     FULL = "full"
     READ_ONLY = "read_only"
-
-
-# The caller's role for the current RPC, for handlers that want it (None when tokens are off).
-current_role: contextvars.ContextVar[Role | None] = contextvars.ContextVar("evalstream_role", default=None)
 
 
 @dataclass(frozen=True)
@@ -460,7 +455,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 f"the token is read-only: it may call GetEvaluation, ListEvaluations, CompareModels and "
                 f"ListMetrics, not {short}; use a full token to stream or change evaluations",
             )
-        current_role.set(role)
         return handler
 
     def _deny(
