@@ -1,20 +1,20 @@
-"""Build hook: generate the gRPC stubs from proto/ before packaging."""
+"""Build hook: generate the gRPC stubs from proto/ before the packages are collected.
+
+The stubs (evalstream/v1/) are build outputs, never committed, so they must
+exist before setuptools looks for packages; generating them here covers wheels,
+sdists and editable installs alike.
+"""
 
 import sys
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
-sys.path.insert(0, str(Path(__file__).parent / "tools"))
+ROOT = Path(__file__).resolve().parent
+if (ROOT / "proto").is_dir():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gen_proto import generate
 
+    generate(ROOT)
 
-class BuildWithProto(build_py):
-    def run(self) -> None:
-        from gen_proto import generate
-
-        generate()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithProto})
+setup()
