@@ -81,7 +81,9 @@ def _stream(channel: grpc.Channel, form: str, size: int, seconds: float) -> tupl
         msg = service_pb2.StreamEvaluationRequest(
             chunk=service_pb2.Chunk(
                 sequence=0,
-                scores=tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[rows, C], raw_contents=payload),
+                scores=tensor_pb2.Tensor(
+                    dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[rows, C], raw_contents=payload
+                ),
             )
         )
     deadline = time.perf_counter() + seconds

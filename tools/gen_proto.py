@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(root: Path = ROOT) -> list[Path]:
-    from grpc_tools import protoc  # build-time dependency (grpcio-tools)
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency (grpcio-tools)
 
     proto_dir = root / "proto"
     sources = sorted(str(p.relative_to(proto_dir)) for p in (proto_dir / "evalstream" / "v1").glob("*.proto"))
@@ -31,7 +31,9 @@ def generate(root: Path = ROOT) -> list[Path]:
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     out = root / "evalstream" / "v1"
-    (out / "__init__.py").write_text('"""Generated from proto/evalstream/v1 by tools/gen_proto.py; do not edit."""\n')
+    (out / "__init__.py").write_text(
+        '"""Generated from proto/evalstream/v1 by tools/gen_proto.py; do not edit."""\n'
+    )
     (out / "py.typed").write_text("")
     return sorted(out.glob("*.py"))
 
