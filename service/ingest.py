@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -93,7 +93,13 @@ class Lease:
     chunks: int
     rejected: int
     closed: bool = False
-    inflight: asyncio.Future[Any] | None = field(default=None, repr=False)
+    # Chunks accepted for processing (>= next_sequence while some are in flight).
+    accepted: int = 0
+    # The last chunk's work: the next chunk commits only after it (commits stay in order).
+    tail: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.accepted = max(self.accepted, self.next_sequence)
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,7 @@ class Coordinator:
         """Keep a reference so shutdown can wait for work a cancelled stream left running."""
         self._tasks.add(fut)
         fut.add_done_callback(self._tasks.discard)
+        fut.add_done_callback(_retrieve)
         return fut
 
     # -- open ---------------------------------------------------------------------------------
@@ -255,8 +262,8 @@ class Coordinator:
         slot = (lease.key, lease.rank)
         if self._leases.get(slot) is not lease:
             return
-        if lease.inflight is not None and not lease.inflight.done():
-            lease.inflight.add_done_callback(lambda _f: self._drop(slot, lease.peer))
+        if lease.tail is not None and not lease.tail.done():
+            lease.tail.add_done_callback(lambda _f: self._drop(slot, lease.peer))
         else:
             self._drop(slot, lease.peer)
 
@@ -272,33 +279,70 @@ class Coordinator:
 
     # -- chunks -------------------------------------------------------------------------------
 
-    async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
-        """Commit one chunk (or recognise a retry); the outcome is what the acknowledgement says."""
+    def submit_chunk(
+        self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]
+    ) -> asyncio.Future[ChunkOutcome]:
+        """Start one chunk's work and return its outcome's future (what the acknowledgement says).
+
+        Chunks of one stream are pipelined: the next chunk is decoded and reduced
+        while the previous one commits, and commits (hence acknowledgements) stay
+        in sequence order. The work runs to its end even if the stream is cancelled,
+        so a chunk is committed whole or not at all.
+        """
         if lease.closed:
             raise FailedPrecondition(f"rank {lease.rank} of {_name(lease.key)} is closed; open a new stream")
-        if sequence < lease.next_sequence:
-            return await self._duplicate(lease, sequence)
-        if sequence > lease.next_sequence:
+        if sequence > lease.accepted:
             raise FailedPrecondition(
                 f"sequence gap on rank {lease.rank} of {_name(lease.key)}: "
-                f"expected chunk {lease.next_sequence}, "
-                f"got {sequence}; resend from {lease.next_sequence}"
+                f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
             )
-        work = self._track(asyncio.ensure_future(self._commit(lease, sequence, decode)))
-        lease.inflight = work
-        # Shielded: a cancelled stream still finishes committing what it started (never half a chunk).
-        return await asyncio.shield(work)
+        previous = lease.tail
+        if sequence < lease.accepted:
+            work = self._after(previous, lambda: self._duplicate(lease, sequence))
+        else:
+            lease.accepted += 1
+            work = self._pipeline(lease, sequence, decode, previous)
+        fut = self._track(asyncio.ensure_future(work))
+        lease.tail = fut
+        return fut
+
+    async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
+        """``submit_chunk`` and wait for its outcome."""
+        return await asyncio.shield(self.submit_chunk(lease, sequence, decode))
+
+    @staticmethod
+    async def _settle(previous: asyncio.Future[Any] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+
+    async def _after(
+        self, previous: asyncio.Future[Any] | None, then: Callable[[], Awaitable[ChunkOutcome]]
+    ) -> ChunkOutcome:
+        await self._settle(previous)
+        return await then()
+
+    async def _pipeline(
+        self,
+        lease: Lease,
+        sequence: int,
+        decode: Callable[[], DecodedChunk],
+        previous: asyncio.Future[Any] | None,
+    ) -> ChunkOutcome:
+        try:
+            reduced: _Reduced | ChunkError = await self._in_worker(self._reduce, lease, decode)
+        except ChunkError as exc:
+            reduced = exc
+        await self._settle(previous)
+        if isinstance(reduced, ChunkError):
+            return await self._reject(lease, sequence, reduced.reason, reduced.message)
+        return await self._commit(lease, sequence, reduced)
 
     async def _duplicate(self, lease: Lease, sequence: int) -> ChunkOutcome:
         self.telemetry.duplicate_chunks.inc()
         rejection = await self._in_io(self.store.rejection, lease.evaluation_id, lease.rank, sequence)
         return ChunkOutcome(lease.next_sequence, lease.samples, duplicate=True, rejection=rejection)
 
-    async def _commit(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
-        try:
-            reduced = await self._in_worker(self._reduce, lease, decode)
-        except ChunkError as exc:
-            return await self._reject(lease, sequence, exc.reason, exc.message)
+    async def _commit(self, lease: Lease, sequence: int, reduced: _Reduced) -> ChunkOutcome:
         started = time.perf_counter()
         try:
             shard = await self._in_io(
@@ -367,11 +411,13 @@ class Coordinator:
         lease.samples = shard.samples
         lease.chunks = shard.chunks
         lease.rejected = shard.rejected_chunks
+        lease.accepted = max(lease.accepted, shard.next_sequence)
 
     # -- close and finalize -------------------------------------------------------------------
 
     async def close(self, lease: Lease, num_chunks: int) -> Closed:
-        """Close the shard; the last rank to close finalizes the evaluation."""
+        """Close the shard once its chunks have committed; the last rank to close finalizes."""
+        await self._settle(lease.tail)
         if num_chunks != lease.next_sequence:
             raise FailedPrecondition(
                 f"close says {num_chunks} chunks were sent but rank {lease.rank} of {_name(lease.key)} has "
@@ -469,6 +515,12 @@ class Coordinator:
     def close_executors(self) -> None:
         self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a failure as seen: a stream that already ended may never await it (its status was sent)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _name(key: EvaluationKey) -> str:

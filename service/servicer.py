@@ -8,8 +8,11 @@ event loop only ever waits, never blocks.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -22,14 +25,25 @@ from .convert import SCORE_KINDS, evaluation_to_pb
 from .engine import Records
 from .engine.registry import direction, metric_infos
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, status_of
-from .ingest import Coordinator, Lease, evaluation_key, validate_name
+from .ingest import ChunkOutcome, Coordinator, Lease, evaluation_key, validate_name
 from .store.base import EvaluationRow, ShardOpenRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 50
+# Chunks of one stream in flight at once: enough to overlap receive, reduce and commit, and a bound
+# on the memory one stream holds (about this many messages).
+PIPELINE_DEPTH = 4
 MAX_PAGE_SIZE = 1000
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass
+class _Stream:
+    """What one StreamEvaluation call has opened."""
+
+    opened: bool = False
+    lease: Lease | None = None
 
 
 class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
@@ -59,57 +73,87 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
     async def StreamEvaluation(
         self, request_iterator: AsyncIterator[service_pb2.StreamEvaluationRequest], context: Context
     ) -> AsyncIterator[service_pb2.StreamEvaluationResponse]:
+        """Reading and answering run apart, so the next chunks are received and reduced while
+        earlier ones commit; answers go out in request order."""
         self.telemetry.active_streams.inc()
-        lease: Lease | None = None
-        opened = False
+        stream = _Stream()
+        answers: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+        reader = asyncio.ensure_future(self._read(request_iterator, context.peer(), stream, answers))
         try:
-            async for request in request_iterator:
-                kind = request.WhichOneof("message")
-                if kind == "open":
-                    if opened:
-                        raise FailedPrecondition(
-                            "this stream already opened a shard; use one stream per shard"
-                        )
-                    opened = True
-                    lease, response = await self._open(request.open, context.peer())
-                    yield response
-                elif kind == "chunk":
-                    if lease is None:
-                        raise FailedPrecondition(
-                            "send OpenShard before chunks"
-                            if not opened
-                            else "the shard is closed; open a new stream"
-                        )
-                    yield await self._chunk(lease, request.chunk)
-                elif kind == "close":
-                    if lease is None:
-                        raise FailedPrecondition(
-                            "send OpenShard before CloseShard"
-                            if not opened
-                            else "the shard is already closed"
-                        )
-                    closed = await self.coordinator.close(lease, request.close.num_chunks)
-                    lease = None
-                    yield service_pb2.StreamEvaluationResponse(
-                        closed=service_pb2.ShardSummary(
-                            evaluation_id=closed.evaluation.evaluation_id,
-                            rank=closed.shard.rank,
-                            chunks=closed.shard.chunks,
-                            samples=closed.shard.samples,
-                            rejected_chunks=closed.shard.rejected,
-                            ranks_closed=closed.evaluation.ranks_closed,
-                            world_size=closed.evaluation.world_size,
-                            finalized=closed.finalized,
-                        )
-                    )
-                else:
-                    raise InvalidArgument("empty StreamEvaluationRequest: set open, chunk or close")
+            while (answer := await answers.get()) is not None:
+                result = await answer
+                yield self._ack(result) if isinstance(result, ChunkOutcome) else result
         except Exception as exc:
             await self._fail(context, "StreamEvaluation", exc)
         finally:
-            if lease is not None:
-                self.coordinator.release(lease)
+            reader.cancel()
+            if stream.lease is not None:
+                self.coordinator.release(stream.lease)
             self.telemetry.active_streams.dec()
+
+    async def _read(
+        self,
+        requests: AsyncIterator[service_pb2.StreamEvaluationRequest],
+        peer: str,
+        stream: _Stream,
+        answers: asyncio.Queue[asyncio.Future[Any] | None],
+    ) -> None:
+        """Turn each request into the future of its answer; a protocol error is the last answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("message")
+                if kind == "chunk":
+                    if stream.lease is None:
+                        raise FailedPrecondition(
+                            "the shard is closed; open a new stream"
+                            if stream.opened
+                            else "send OpenShard first"
+                        )
+                    lease, chunk = stream.lease, request.chunk
+                    decode = functools.partial(
+                        wire.decode_chunk, chunk, lease.num_classes, self.settings.max_chunk_rows
+                    )
+                    future: asyncio.Future[Any] = self.coordinator.submit_chunk(lease, chunk.sequence, decode)
+                else:
+                    future = loop.create_future()
+                    future.set_result(await self._control(request, kind, peer, stream))
+                await answers.put(future)
+            await answers.put(None)
+        except Exception as exc:
+            failed = loop.create_future()
+            failed.set_exception(exc)
+            await answers.put(failed)
+
+    async def _control(
+        self, request: service_pb2.StreamEvaluationRequest, kind: str | None, peer: str, stream: _Stream
+    ) -> service_pb2.StreamEvaluationResponse:
+        if kind == "open":
+            if stream.opened:
+                raise FailedPrecondition("this stream already opened a shard; use one stream per shard")
+            stream.opened = True
+            stream.lease, response = await self._open(request.open, peer)
+            return response
+        if kind == "close":
+            if stream.lease is None:
+                raise FailedPrecondition(
+                    "the shard is already closed" if stream.opened else "send OpenShard before CloseShard"
+                )
+            closed = await self.coordinator.close(stream.lease, request.close.num_chunks)
+            stream.lease = None
+            return service_pb2.StreamEvaluationResponse(
+                closed=service_pb2.ShardSummary(
+                    evaluation_id=closed.evaluation.evaluation_id,
+                    rank=closed.shard.rank,
+                    chunks=closed.shard.chunks,
+                    samples=closed.shard.samples,
+                    rejected_chunks=closed.shard.rejected,
+                    ranks_closed=closed.evaluation.ranks_closed,
+                    world_size=closed.evaluation.world_size,
+                    finalized=closed.finalized,
+                )
+            )
+        raise InvalidArgument("empty StreamEvaluationRequest: set open, chunk or close")
 
     async def _open(
         self, msg: service_pb2.OpenShard, peer: str
@@ -137,11 +181,8 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             )
         )
 
-    async def _chunk(self, lease: Lease, chunk: service_pb2.Chunk) -> service_pb2.StreamEvaluationResponse:
-        num_classes, max_rows = lease.num_classes, self.settings.max_chunk_rows
-        outcome = await self.coordinator.chunk(
-            lease, chunk.sequence, lambda: wire.decode_chunk(chunk, num_classes, max_rows)
-        )
+    @staticmethod
+    def _ack(outcome: ChunkOutcome) -> service_pb2.StreamEvaluationResponse:
         ack = service_pb2.ChunkAck(
             next_sequence=outcome.next_sequence,
             samples_committed=outcome.samples_committed,
