@@ -1,0 +1,121 @@
+"""CompareModels' bootstrap at scale: one million samples, three candidates, 1,000 replicates.
+
+Times the paired Poisson bootstrap (service/compare) of the difference to the
+best for several primary metrics, the whole ``compare_models`` call (alignment,
+ranking, bootstrap, McNemar, diagnosis, response), and, for reference, the
+classic multinomial bootstrap with uint32 indices and gather-sums (timed on a
+few replicates and scaled to 1,000, since running it in full takes minutes).
+
+Records are synthetic (no logits needed): 3,000 Zipf-distributed classes, top-1
+correct with a per-candidate probability, per-sample NLL and a temperature grid.
+
+    .venv/bin/python -m bench.bootstrap [--samples N] [--replicates R] [--repeat K] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
+from evalstream.service.compare.bootstrap import paired_bootstrap
+from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.engine import EngineConfig, Records
+from evalstream.service.engine.metrics import compute_metrics
+
+from .common import measure, table, write_json
+
+C = 3000
+CONFIG = EngineConfig(device="cpu")
+METRICS = ("nll", "accuracy_top1", "ece", "balanced_accuracy", "calibrated_nll")
+
+
+def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> Records:
+    """Plausible per-sample records: right with probability ``accuracy``, NLL growing with sharpness."""
+    rng = np.random.default_rng(seed)
+    prior = (np.arange(C) + 1.0) ** -1.1
+    label = rng.choice(C, size=n, p=prior / prior.sum()).astype(np.int32)
+    correct = rng.random(n) < accuracy
+    other = rng.integers(0, C, size=n, dtype=np.int32)
+    pred = np.where(correct, label, other).astype(np.int32)
+    rank = np.where(correct, 0, rng.integers(1, 50, size=n)).astype(np.uint16)
+    confidence = np.clip(rng.beta(2 + 3 * sharpness, 2, size=n), 1e-3, 1.0).astype(np.float32)
+    nll = np.where(correct, -np.log(confidence), sharpness * rng.exponential(2.0, size=n)).astype(np.float32)
+    inv_t = np.asarray(CONFIG.inverse_temperatures)
+    # NLL(a) convex in a with its minimum near 1 / sharpness.
+    nll_t = (nll[:, None] * (0.6 + 0.4 * (inv_t[None, :] * sharpness - 1.0) ** 2 + 0.4)).astype(np.float32)
+    nll_t[:, list(inv_t).index(1.0)] = nll
+    return Records(
+        sample_id=rng.permutation(n).astype(np.int64),
+        label=label,
+        pred=pred,
+        rank=rank,
+        nll=nll,
+        confidence=confidence,
+        brier=(1.0 - confidence) ** 2,
+        entropy=nll * 0.8,
+        nll_t=nll_t,
+        inverse_temperatures=inv_t,
+    )
+
+
+def candidates(n: int) -> list[CandidateInput]:
+    out = []
+    for i, (acc, sharp) in enumerate(((0.60, 1.0), (0.62, 1.4), (0.61, 1.1))):
+        rec = synthetic_records(n, acc, sharp, seed=i)
+        metrics = compute_metrics(rec, C, CONFIG).scalars()
+        out.append(CandidateInput("bench", f"m{i}", "validation", 1, f"e{i}", C, metrics, rec))
+    return out
+
+
+def classic_bootstrap_seconds(x: list[np.ndarray], replicates: int) -> float:
+    """Seconds for the index-gather bootstrap of a mean difference, `replicates` replicates."""
+    rng = np.random.default_rng(0)
+    n = len(x[0])
+    t0 = time.perf_counter()
+    for _ in range(replicates):
+        idx = rng.integers(0, n, size=n, dtype=np.uint32)
+        base = x[0][idx].sum()
+        for other in x[1:]:
+            _ = other[idx].sum() - base
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bootstrap", description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--replicates", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="100k samples, 200 replicates, one repeat")
+    args = ap.parse_args(argv)
+    n, reps, repeat = (100_000, 200, 1) if args.quick else (args.samples, args.replicates, args.repeat)
+    cands = candidates(n)
+    aligned = [c.records.dedupe()[0] for c in cands if c.records is not None]
+    rows: list[dict[str, Any]] = []
+    for name in METRICS:
+        stats = [statistic_for(name, r, C, CONFIG) for r in aligned]
+        assert all(s is not None for s in stats)
+        timing = measure(lambda s=stats: paired_bootstrap(s, 0, n, reps, 0.95, 0), repeat=repeat, warmup=0)  # type: ignore[misc]
+        rows.append({"what": f"paired bootstrap, {name}", "seconds": timing.median, "timing": timing})
+    options = CompareOptions(replicates=reps)
+    full = measure(lambda: compare_models(cands, options), repeat=repeat, warmup=0)
+    rows.append({"what": "compare_models (nll, everything)", "seconds": full.median, "timing": full})
+    probe = max(5, reps // 50)
+    x = [r.nll.astype(np.float64) for r in aligned]
+    classic = classic_bootstrap_seconds(x, probe) * reps / probe
+    rows.append({"what": f"classic index bootstrap, nll (scaled from {probe})", "seconds": classic})
+    print(f"{n:,} samples x {len(cands)} candidates x {reps:,} replicates")
+    print(table(rows, ["what", "seconds"]))
+    path = write_json(
+        "bootstrap",
+        {"samples": n, "candidates": len(cands), "replicates": reps, "rows": rows},
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
