@@ -5,20 +5,27 @@
 with an event) and returns. Everything that costs per byte afterwards — waiting
 for the copy, slicing into chunk-sized messages, ``tobytes`` — runs on the
 sender thread through :meth:`HostBatch.ready` and :func:`encode_chunk`.
+
+torch is never imported here: an input can only be a torch tensor if the
+caller has imported torch already, so numpy users and the read-only CLI do
+not pay for loading it.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from evalstream.v1 import service_pb2, tensor_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 _SCORE_WIRE: dict[str, int] = {
     "float32": tensor_pb2.DATA_TYPE_FLOAT32,
@@ -28,7 +35,16 @@ _SCORE_WIRE: dict[str, int] = {
 _INT_WIRE: dict[str, int] = {"int32": tensor_pb2.DATA_TYPE_INT32, "int64": tensor_pb2.DATA_TYPE_INT64}
 # The server's default cap on rows per chunk (max_chunk_rows).
 MAX_CHUNK_ROWS = 65536
-_TORCH_SCORE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _is_tensor(x: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _torch_score_name(dtype: torch.dtype) -> str | None:
+    name = str(dtype).rsplit(".", 1)[-1]
+    return name if name in _SCORE_WIRE else None
 
 
 @dataclass
@@ -83,6 +99,8 @@ class PinnedPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A pinned uint8 tensor of at least ``nbytes`` bytes."""
+        import torch
+
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             if fits:
@@ -98,7 +116,9 @@ class PinnedPool:
 
 def _as_numpy(x: Any) -> npt.NDArray[Any]:
     """A numpy view of a host tensor (bfloat16 as its int16 bit pattern), or x itself."""
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
+        import torch
+
         if x.dtype == torch.bfloat16:
             x = x.view(torch.int16)
         return x.numpy()
@@ -107,8 +127,10 @@ def _as_numpy(x: Any) -> npt.NDArray[Any]:
 
 def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
     """The dtype ``x`` travels as, converting only what the wire cannot carry."""
+    import torch
+
     if role == "scores":
-        if x.dtype in _TORCH_SCORE:
+        if _torch_score_name(x.dtype) is not None:
             return x.dtype
         if x.is_floating_point():
             return torch.float32
@@ -120,6 +142,8 @@ def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
 
 def _torch_host(x: torch.Tensor, role: str, copy: bool, batch: HostBatch, pool: PinnedPool) -> Any:
     """Host form of a tensor: pinned async copy for CUDA, numpy array otherwise."""
+    import torch
+
     x = x.detach()
     dtype = _torch_wire_dtype(x, role)
     if x.device.type == "cuda":
@@ -166,8 +190,8 @@ def _numpy_host(x: Any, role: str, copy: bool) -> npt.NDArray[Any]:
 
 
 def _score_wire(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return _SCORE_WIRE[_TORCH_SCORE[_torch_wire_dtype(x, "scores")]]
+    if _is_tensor(x):
+        return _SCORE_WIRE[_torch_score_name(_torch_wire_dtype(x, "scores")) or "float32"]
     name = np.asarray(x).dtype.name
     return _SCORE_WIRE.get(name, tensor_pb2.DATA_TYPE_FLOAT32)
 
@@ -192,7 +216,7 @@ def to_host_batch(
     pool = pool or PinnedPool()
 
     def host(x: Any, role: str) -> Any:
-        if isinstance(x, torch.Tensor):
+        if _is_tensor(x):
             return _torch_host(x, role, copy, batch, pool)
         return _numpy_host(x, role, copy)
 
@@ -207,7 +231,7 @@ def to_host_batch(
 def _nbytes(a: Any) -> int:
     if a is None:
         return 0
-    if isinstance(a, torch.Tensor):
+    if _is_tensor(a):
         return int(a.numel() * a.element_size())
     return int(a.nbytes)
 

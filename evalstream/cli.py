@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from evalstream.client import DEFAULT_TARGET, EvalClient, EvalStreamError, TLSConfig
+from evalstream.client import DEFAULT_TARGET, EvalClient, EvalStreamError, RetryPolicy, TLSConfig
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -106,7 +106,9 @@ def _client(args: argparse.Namespace) -> EvalClient:
     tls = None
     if args.ca_cert or args.client_cert or args.client_key:
         tls = TLSConfig(args.ca_cert, args.client_cert, args.client_key, args.server_name)
-    return EvalClient(args.target, credentials=tls, token=args.token, timeout=args.timeout)
+    # A person is waiting: retry a restart blip, but report a server that is down within a second.
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.2)
+    return EvalClient(args.target, credentials=tls, token=args.token, timeout=args.timeout, retry=retry)
 
 
 def _to_dict(message: Any) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""The demo's motivating situation, produced for real: synthetic logits streamed by two ranks
+per model through a real server, metrics from the engine, ranking from CompareModels."""
+
+from __future__ import annotations
+
+import json
+
+from evalstream.client import EvalClient
+from evalstream.client.compare_view import render_comparison
+from evalstream.client.demo import DemoConfig, demo_json, render_demo, run_demo
+from evalstream.service.server import BackgroundServer
+
+
+def test_loss_and_accuracy_rank_the_demo_models_differently(server: BackgroundServer) -> None:
+    config = DemoConfig(
+        num_samples=4_000, num_classes=3_000, seed=0, world_size=2, batch_size=512, run="demo"
+    )
+    with EvalClient(server.target) as client:
+        result = run_demo(client, config, progress=False)
+    assert result.samples == 3 * 4_000
+    m = {name: dict(e.result.metrics) for name, e in result.evaluations.items()}
+    for e in result.evaluations.values():
+        assert e.result.num_samples == 4_000 and e.ranks_closed == 2 and e.result.num_classes == 3_000
+    # Lower loss but lower accuracy vs higher accuracy but higher loss.
+    assert m["smooth"]["nll"] < m["sharp"]["nll"]
+    assert m["smooth"]["accuracy_top1"] + 0.05 < m["sharp"]["accuracy_top1"]
+    # sharp is confidently wrong: its errors cost far more than smooth's.
+    assert m["sharp"]["nll_wrong"] > 2 * m["smooth"]["nll_wrong"]
+    # overconfident: worst calibration, fixed mostly by a temperature > 1.
+    assert m["overconfident"]["ece"] == max(v["ece"] for v in m.values())
+    assert m["overconfident"]["overconfidence"] > 0.25
+    assert m["overconfident"]["best_temperature"] > 1.5
+    assert m["overconfident"]["calibrated_nll"] < m["overconfident"]["nll"] - 1.0
+    # smooth hedges: underconfident.
+    assert m["smooth"]["overconfidence"] < 0
+    # The comparison ranks by loss, and knows accuracy disagrees.
+    comparison = result.comparison
+    assert comparison.primary_metric == "nll" and comparison.paired
+    assert comparison.common_samples == 4_000
+    assert comparison.candidates[0].ref.model == "smooth"
+    tau = {(a.metric_a, a.metric_b): a.kendall_tau for a in comparison.agreements}
+    assert any(v < 0 for (x, y), v in tau.items() if "accuracy_top1" in (x, y))
+    payload = json.loads(json.dumps(demo_json(result)))
+    assert set(payload["models"]) == {"smooth", "sharp", "overconfident"}
+    text = render_demo(result, render_comparison(result.comparison, result.evaluations))
+    assert "smooth" in text and "streamed 12,000 samples" in text
