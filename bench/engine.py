@@ -13,6 +13,7 @@ records is timed separately (it runs once per evaluation, not per chunk).
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         tm_rate: dict[int, float] = {}
         for chunk in chunk_sizes:
             chunks = [(z[i : i + chunk], y[i : i + chunk]) for i in range(0, rows, chunk)]
-            tm = measure(lambda chunks=chunks: torchmetrics_set(chunks), repeat=max(1, repeat // 2), warmup=1)
+            tm = measure(partial(torchmetrics_set, chunks), repeat=max(1, repeat // 2), warmup=1)
             tm_rate[chunk] = rows / tm.median
             out_rows.append(_row("torchmetrics", dname, chunk, rows, nbytes, tm, None))
             for sname, cfg in SETTINGS.items():
