@@ -8,4 +8,5 @@ bench/results/ through ``bench.common`` so runs can be compared later.
 BENCHMARKS: dict[str, str] = {
     "engine": "bench.engine",
     "transport": "bench.transport",
+    "bootstrap": "bench.bootstrap",
 }
