@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_rows.append(_row(f"engine-{sname}", dname, chunk, rows, nbytes, t, tm_rate[chunk]))
                 if chunk == 4096:
                     merged = Records.concat(run())
-                    mt = measure(
-                        lambda merged=merged, cfg=cfg: compute_metrics(merged, C, cfg), repeat=repeat
-                    )
+                    mt = measure(partial(compute_metrics, merged, C, cfg), repeat=repeat)
                     metrics_time[f"{dname}-{sname}"] = mt.median
                     out_rows[-1]["record_bytes"] = merged.nbytes_per_sample()
     print(table(out_rows, ["impl", "dtype", "chunk", "samples_per_s", "GB_per_s", "spread_pct", "vs_tm"]))
