@@ -155,14 +155,17 @@ def stream_rank(
         run.error = exc
 
 
-def start_ranks(target: str, ranks: Sequence[Sequence[Batch]], **kwargs: object) -> list[RankRun]:
-    """Stream every rank concurrently (one thread and one client each, like one process per rank)."""
+def start_ranks(
+    target: str, ranks: Sequence[Sequence[Batch]], world_size: int | None = None, **kwargs: object
+) -> list[RankRun]:
+    """Stream ranks 0..len(ranks)-1 concurrently (one thread and one client each, like one process
+    per rank); ``world_size`` defaults to ``len(ranks)`` (larger when other ranks stream elsewhere)."""
     runs = [RankRun(rank) for rank in range(len(ranks))]
     for run, batches in zip(runs, ranks, strict=True):
         run.thread = threading.Thread(
             target=stream_rank,
             args=(target, run),
-            kwargs={"world_size": len(ranks), "batches": batches, **kwargs},
+            kwargs={"world_size": world_size or len(ranks), "batches": batches, **kwargs},
             daemon=True,
         )
         run.thread.start()
