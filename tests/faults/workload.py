@@ -156,11 +156,15 @@ def stream_rank(
 
 
 def start_ranks(
-    target: str, ranks: Sequence[Sequence[Batch]], world_size: int | None = None, **kwargs: object
+    target: str,
+    ranks: Sequence[Sequence[Batch]],
+    world_size: int | None = None,
+    first_rank: int = 0,
+    **kwargs: object,
 ) -> list[RankRun]:
-    """Stream ranks 0..len(ranks)-1 concurrently (one thread and one client each, like one process
-    per rank); ``world_size`` defaults to ``len(ranks)`` (larger when other ranks stream elsewhere)."""
-    runs = [RankRun(rank) for rank in range(len(ranks))]
+    """Stream ranks first_rank, first_rank+1, ... concurrently (one thread and one client each, like
+    one process per rank); ``world_size`` defaults to ``len(ranks)`` (more when others stream elsewhere)."""
+    runs = [RankRun(first_rank + i) for i in range(len(ranks))]
     for run, batches in zip(runs, ranks, strict=True):
         run.thread = threading.Thread(
             target=stream_rank,
