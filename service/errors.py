@@ -7,7 +7,17 @@ Messages say what was wrong and what to do, because the caller reads them.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 import grpc
+
+# The store cannot take writes: out of space (the message says to free some) ...
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NO_SPACE_SQLITE = frozenset({"SQLITE_FULL"})
+# ... or cannot be written at all (read-only file or file system, permissions, I/O errors).
+_UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+_UNWRITABLE_SQLITE_PREFIXES = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM")
 
 
 class ServiceError(Exception):
@@ -70,8 +80,43 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a failed RPC ends with."""
     if isinstance(exc, ServiceError):
         return status_code(exc.code), exc.message
+    store = store_failure(exc)
+    if store is not None:
+        return store
     code = getattr(exc, "code", None)
     if isinstance(code, str) and code in grpc.StatusCode.__members__:
         # CompareError(code, message) from service/compare.
         return status_code(code), str(getattr(exc, "message", exc))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def store_failure(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """A write the store could not make (disk full, read-only, I/O error): a status that says so.
+
+    Nothing of the failed write was committed (each commit is one transaction), so
+    the message can promise that what was acknowledged before is kept.
+    """
+    kept = "chunks acknowledged before are kept"
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        if name in _NO_SPACE_SQLITE:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"the store is out of space ({exc}); free space under data_dir and resend; {kept}"
+            )
+        if name.startswith(_UNWRITABLE_SQLITE_PREFIXES):
+            return grpc.StatusCode.UNAVAILABLE, (
+                f"the store cannot be written ({name}: {exc}); check that data_dir is writable and resend; "
+                f"{kept}"
+            )
+        return None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"the store is out of space ({exc.strerror}); free space under data_dir and resend; {kept}"
+            )
+        if exc.errno in _UNWRITABLE_ERRNOS:
+            return grpc.StatusCode.UNAVAILABLE, (
+                f"the store cannot be written ({exc.strerror}); check that data_dir is writable and "
+                f"resend; {kept}"
+            )
+    return None
