@@ -92,11 +92,20 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, crash_at: str = "", env: dict[str, str] | None = None, wait: bool = True) -> None:
-        """Start (or restart) the server; with ``wait`` return once it accepts calls."""
+    def start(
+        self,
+        crash_at: str = "",
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        prefix: list[str] | None = None,
+    ) -> None:
+        """Start (or restart) the server; with ``wait`` return once it accepts calls.
+
+        ``prefix`` runs the server under another command (e.g. ``setpriv`` to drop privileges).
+        """
         if self.alive():
             raise RuntimeError("server is already running")
-        cmd = [sys.executable]
+        cmd = [*(prefix or []), sys.executable]
         if crash_at:
             cmd += [str(CRASH_SERVER), "--crash-at", crash_at]
         else:
