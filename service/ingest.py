@@ -30,9 +30,11 @@ from typing import Any, TypeVar
 from .convert import result_from_report
 from .engine import ChunkError, EngineConfig, Records
 from .engine.metrics import compute_metrics, running_summary
+from .engine.records import FIELDS
 from .engine.reducer import ChunkReducer
 from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from .settings import Settings
+from .staging import Segment, StagingBlock, StagingPool, score_dtype
 from .status import SeriesKey, ShardProgress
 from .store.base import (
     EvaluationKey,
@@ -54,6 +56,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,127}$")
 DEFAULT_SPLIT = "validation"
 # Codes of in-band rejections by reason; everything else a bad chunk can be is INVALID_ARGUMENT.
 REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
+# A staged block is reduced after this long without a new chunk, so a slow (or lock-step) stream
+# still hears its acknowledgements; a streaming client sends the next chunk well within it.
+FLUSH_DELAY_S = 0.005
 
 
 def validate_name(what: str, value: str) -> str:
@@ -97,6 +102,11 @@ class Lease:
     accepted: int = 0
     # The last chunk's work: the next chunk commits only after it (commits stay in order).
     tail: asyncio.Future[Any] | None = field(default=None, repr=False)
+    # The staging block now filling, the stream's blocks, and the idle-flush timer (see submit_chunk).
+    block: StagingBlock | None = field(default=None, repr=False)
+    staging: StagingPool | None = field(default=None, repr=False)
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    last_append: float = 0.0
 
     def __post_init__(self) -> None:
         self.accepted = max(self.accepted, self.next_sequence)
@@ -262,6 +272,7 @@ class Coordinator:
         slot = (lease.key, lease.rank)
         if self._leases.get(slot) is not lease:
             return
+        self.flush(lease)  # chunks already received commit; a resent one is then a duplicate
         if lease.tail is not None and not lease.tail.done():
             lease.tail.add_done_callback(lambda _f: self._drop(slot, lease.peer))
         else:
@@ -279,15 +290,21 @@ class Coordinator:
 
     # -- chunks -------------------------------------------------------------------------------
 
-    def submit_chunk(
+    async def submit_chunk(
         self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]
     ) -> asyncio.Future[ChunkOutcome]:
-        """Start one chunk's work and return its outcome's future (what the acknowledgement says).
+        """Take one chunk and return its outcome's future (what the acknowledgement says).
 
-        Chunks of one stream are pipelined: the next chunk is decoded and reduced
-        while the previous one commits, and commits (hence acknowledgements) stay
-        in sequence order. The work runs to its end even if the stream is cancelled,
-        so a chunk is committed whole or not at all.
+        The chunk is checked and copied into the stream's open staging block
+        here, on the event loop (one memcpy; the message can go). The block is
+        reduced in one engine call when it is full, when something other than
+        the next chunk arrives (a retry, a bad chunk, close), or after
+        FLUSH_DELAY_S without a new chunk. Blocks are pipelined (the next one
+        fills and reduces while the previous one commits), commits stay in
+        sequence order, and each chunk is acknowledged only after its records
+        are committed. Waits while both of the stream's blocks are busy
+        (backpressure). Block work runs to its end even if the stream is
+        cancelled, so a chunk is committed whole or not at all.
         """
         if lease.closed:
             raise FailedPrecondition(f"rank {lease.rank} of {_name(lease.key)} is closed; open a new stream")
@@ -296,19 +313,78 @@ class Coordinator:
                 f"sequence gap on rank {lease.rank} of {_name(lease.key)}: "
                 f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
             )
-        previous = lease.tail
         if sequence < lease.accepted:
-            work = self._after(previous, lambda: self._duplicate(lease, sequence))
+            self.flush(lease)
+            return self._chain(lease, self._after(lease.tail, lambda: self._duplicate(lease, sequence)))
+        lease.accepted += 1
+        t0 = time.perf_counter()
+        try:
+            chunk = decode()
+        except ChunkError as exc:
+            self.flush(lease)
+            reason, message = exc.reason, exc.message
+            return self._chain(
+                lease, self._after(lease.tail, lambda: self._reject(lease, sequence, reason, message))
+            )
+        dtype = score_dtype(chunk)
+        staging = lease.staging or StagingPool(lease.num_classes, self.engine_config.block_rows)
+        lease.staging = staging
+        if chunk.rows == 0 or chunk.rows > staging.capacity(dtype):
+            # Empty or larger than a block: reduced on its own, from views over the message bytes.
+            self.flush(lease)
+            return self._chain(lease, self._pipeline(lease, sequence, chunk, lease.tail))
+        block = lease.block
+        if block is not None and not block.accepts(chunk, dtype):
+            self.flush(lease)
+            block = None
+        if block is None:
+            block = await staging.acquire(dtype)
+            lease.block = block
+            self._arm(lease, block, FLUSH_DELAY_S)
+        outcome: asyncio.Future[ChunkOutcome] = asyncio.get_running_loop().create_future()
+        block.append(chunk, sequence, outcome)
+        lease.last_append = time.monotonic()
+        self.telemetry.decode_seconds.observe(time.perf_counter() - t0)
+        if block.full:
+            self.flush(lease)
+        return outcome
+
+    async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
+        """``submit_chunk``, flush, and wait for its outcome."""
+        fut = await self.submit_chunk(lease, sequence, decode)
+        self.flush(lease)
+        return await asyncio.shield(fut)
+
+    def flush(self, lease: Lease) -> None:
+        """Start the reduction and commit of the stream's open block, if any."""
+        block = lease.block
+        if block is None:
+            return
+        lease.block = None
+        if lease.timer is not None:
+            lease.timer.cancel()
+            lease.timer = None
+        self._chain(lease, self._pipeline_block(lease, block, lease.tail))
+
+    def _arm(self, lease: Lease, block: StagingBlock, delay: float) -> None:
+        lease.timer = asyncio.get_running_loop().call_later(delay, self._idle, lease, block)
+
+    def _idle(self, lease: Lease, block: StagingBlock) -> None:
+        """Flush a block that got no chunk for FLUSH_DELAY_S, so a slow stream still hears acks."""
+        if lease.block is not block:
+            return
+        waited = time.monotonic() - lease.last_append
+        if waited >= FLUSH_DELAY_S:
+            lease.timer = None
+            self.flush(lease)
         else:
-            lease.accepted += 1
-            work = self._pipeline(lease, sequence, decode, previous)
+            self._arm(lease, block, FLUSH_DELAY_S - waited)
+
+    def _chain(self, lease: Lease, work: Awaitable[T]) -> asyncio.Future[T]:
+        """Run ``work`` as the stream's new tail (the next work commits after it)."""
         fut = self._track(asyncio.ensure_future(work))
         lease.tail = fut
         return fut
-
-    async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
-        """``submit_chunk`` and wait for its outcome."""
-        return await asyncio.shield(self.submit_chunk(lease, sequence, decode))
 
     @staticmethod
     async def _settle(previous: asyncio.Future[Any] | None) -> None:
@@ -322,20 +398,106 @@ class Coordinator:
         return await then()
 
     async def _pipeline(
-        self,
-        lease: Lease,
-        sequence: int,
-        decode: Callable[[], DecodedChunk],
-        previous: asyncio.Future[Any] | None,
+        self, lease: Lease, sequence: int, chunk: DecodedChunk, previous: asyncio.Future[Any] | None
     ) -> ChunkOutcome:
+        """One chunk on its own (empty, or bigger than a block), reduced from the message bytes."""
         try:
-            reduced: _Reduced | ChunkError = await self._in_worker(self._reduce, lease, decode)
+            reduced: _Reduced | ChunkError = await self._in_worker(self._reduce, lease, chunk)
         except ChunkError as exc:
             reduced = exc
         await self._settle(previous)
         if isinstance(reduced, ChunkError):
             return await self._reject(lease, sequence, reduced.reason, reduced.message)
         return await self._commit(lease, sequence, reduced)
+
+    async def _pipeline_block(
+        self, lease: Lease, block: StagingBlock, previous: asyncio.Future[Any] | None
+    ) -> None:
+        """Reduce a block in a worker, then commit its chunks in order and answer each chunk's future."""
+        segments = block.segments
+        try:
+            try:
+                parts = await self._in_worker(self._reduce_staged, lease, block)
+            finally:
+                assert lease.staging is not None
+                lease.staging.release(block)
+            await self._settle(previous)
+            started = time.perf_counter()
+            stored = await self._in_io(self._store_block, lease, segments, parts)
+            self.telemetry.commit_seconds.observe(time.perf_counter() - started)
+            for i, (segment, part, result) in enumerate(zip(segments, parts, stored, strict=False)):
+                if isinstance(result, SequenceConflict):
+                    # The store is ahead of the lease (a late commit of an earlier stream): rare, so the
+                    # rest of the block goes chunk by chunk, each sorting out its own conflict.
+                    for seg, rest in zip(segments[i:], parts[i:], strict=True):
+                        seg.outcome.set_result(await self._one(lease, seg.sequence, rest))
+                    return
+                segment.outcome.set_result(self._outcome(lease, segment, part, result))
+        except BaseException as exc:
+            for segment in segments:
+                if not segment.outcome.done():
+                    segment.outcome.set_exception(exc)
+            raise
+
+    async def _one(self, lease: Lease, sequence: int, part: _Reduced | ChunkError) -> ChunkOutcome:
+        if isinstance(part, ChunkError):
+            return await self._reject(lease, sequence, part.reason, part.message)
+        return await self._commit(lease, sequence, part)
+
+    def _store_block(
+        self, lease: Lease, segments: list[Segment], parts: list[_Reduced | ChunkError]
+    ) -> list[tuple[ShardRow, Rejection | None] | SequenceConflict]:
+        """In a store thread: each chunk's commit (or rejection) in sequence order, one store call each.
+
+        Each call is its own transaction, so every acknowledged chunk is durable
+        on its own; the writer's group commit folds calls that queue up together.
+        Stops at a sequence conflict (the loop sorts the rest out chunk by chunk).
+        """
+        out: list[tuple[ShardRow, Rejection | None] | SequenceConflict] = []
+        for segment, part in zip(segments, parts, strict=True):
+            try:
+                if isinstance(part, ChunkError):
+                    rejection = _rejection(segment.sequence, part.reason, part.message)
+                else:
+                    try:
+                        shard = self.store.commit_chunk(
+                            lease.evaluation_id,
+                            lease.rank,
+                            segment.sequence,
+                            part.samples,
+                            part.records,
+                            part.nll_sum,
+                            part.correct,
+                            self.settings.max_samples_per_evaluation,
+                        )
+                        out.append((shard, None))
+                        continue
+                    except ResourceExhausted as exc:
+                        rejection = _rejection(segment.sequence, "evaluation_too_large", exc.message)
+                out.append((self.store.reject_chunk(lease.evaluation_id, lease.rank, rejection), rejection))
+            except SequenceConflict as exc:
+                out.append(exc)
+                break
+        return out
+
+    def _outcome(
+        self,
+        lease: Lease,
+        segment: Segment,
+        part: _Reduced | ChunkError,
+        stored: tuple[ShardRow, Rejection | None],
+    ) -> ChunkOutcome:
+        """The acknowledgement of one stored chunk; counts it in telemetry."""
+        shard, rejection = stored
+        self._update(lease, shard)
+        if rejection is not None:
+            self.telemetry.rejected_chunks.labels(reason=rejection.reason).inc()
+            return ChunkOutcome(shard.next_sequence, shard.samples, rejection=rejection)
+        assert isinstance(part, _Reduced)
+        self.telemetry.chunks.inc()
+        self.telemetry.samples.inc(part.samples)
+        self.telemetry.bytes.inc(segment.num_bytes)
+        return ChunkOutcome(shard.next_sequence, shard.samples)
 
     async def _duplicate(self, lease: Lease, sequence: int) -> ChunkOutcome:
         self.telemetry.duplicate_chunks.inc()
@@ -367,12 +529,9 @@ class Coordinator:
         self.telemetry.bytes.inc(reduced.num_bytes)
         return ChunkOutcome(shard.next_sequence, shard.samples)
 
-    def _reduce(self, lease: Lease, decode: Callable[[], DecodedChunk]) -> _Reduced:
-        """Decode and reduce in a worker thread: zero-copy views in, a records blob out."""
+    def _reduce(self, lease: Lease, chunk: DecodedChunk) -> _Reduced:
+        """Reduce one chunk in a worker thread: zero-copy views in, a records blob out."""
         t0 = time.perf_counter()
-        chunk = decode()
-        t1 = time.perf_counter()
-        self.telemetry.decode_seconds.observe(t1 - t0)
         if chunk.rows == 0:
             return _Reduced(None, 0, 0.0, 0, chunk.num_bytes)
         records = self._reducers.run(
@@ -380,13 +539,38 @@ class Coordinator:
             lease.score_kind,
             lambda r: r.reduce(chunk.scores, chunk.labels, chunk.sample_ids),
         )
-        nll_sum, correct = running_summary(records)
-        blob = records.to_bytes()
-        self.telemetry.compute_seconds.observe(time.perf_counter() - t1)
-        return _Reduced(blob, len(records), nll_sum, correct, chunk.num_bytes)
+        self.telemetry.compute_seconds.observe(time.perf_counter() - t0)
+        return _packed(records, chunk.num_bytes)
+
+    def _reduce_staged(self, lease: Lease, block: StagingBlock) -> list[_Reduced | ChunkError]:
+        """Reduce a block in one engine call and split its records by chunk.
+
+        If the block is refused (a label out of range, a NaN, ...), each chunk is
+        reduced on its own instead, so only the bad chunks are rejected, with
+        positions relative to their own chunk.
+        """
+        t0 = time.perf_counter()
+
+        def each(r: ChunkReducer) -> list[_Reduced | ChunkError]:
+            try:
+                records = r.reduce(*block.views())
+                return [_packed(_rows(records, s.start, s.stop), s.num_bytes) for s in block.segments]
+            except ChunkError:
+                pass
+            out: list[_Reduced | ChunkError] = []
+            for s in block.segments:
+                try:
+                    out.append(_packed(r.reduce(*block.views(s.start, s.stop)), s.num_bytes))
+                except ChunkError as exc:
+                    out.append(exc)
+            return out
+
+        parts = self._reducers.run(lease.num_classes, lease.score_kind, each)
+        self.telemetry.compute_seconds.observe(time.perf_counter() - t0)
+        return parts
 
     async def _reject(self, lease: Lease, sequence: int, reason: str, message: str) -> ChunkOutcome:
-        rejection = Rejection(sequence, REJECTION_CODES.get(reason, "INVALID_ARGUMENT"), reason, message)
+        rejection = _rejection(sequence, reason, message)
         try:
             shard = await self._in_io(self.store.reject_chunk, lease.evaluation_id, lease.rank, rejection)
         except SequenceConflict as exc:
@@ -417,6 +601,7 @@ class Coordinator:
 
     async def close(self, lease: Lease, num_chunks: int) -> Closed:
         """Close the shard once its chunks have committed; the last rank to close finalizes."""
+        self.flush(lease)
         await self._settle(lease.tail)
         if num_chunks != lease.next_sequence:
             raise FailedPrecondition(
@@ -525,3 +710,21 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 def _name(key: EvaluationKey) -> str:
     return f"{key.run}/{key.model}/{key.split}@{key.step}"
+
+
+def _rejection(sequence: int, reason: str, message: str) -> Rejection:
+    return Rejection(sequence, REJECTION_CODES.get(reason, "INVALID_ARGUMENT"), reason, message)
+
+
+def _rows(records: Records, start: int, stop: int) -> Records:
+    """Rows [start, stop) of records, as views."""
+    return Records(
+        **{name: getattr(records, name)[start:stop] for name in FIELDS},
+        inverse_temperatures=records.inverse_temperatures,
+    )
+
+
+def _packed(records: Records, num_bytes: int) -> _Reduced:
+    """What a chunk commits: its records blob and the running summary of its samples."""
+    nll_sum, correct = running_summary(records)
+    return _Reduced(records.to_bytes(), len(records), nll_sum, correct, num_bytes)

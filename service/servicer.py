@@ -31,9 +31,9 @@ from .store.base import EvaluationRow, ShardOpenRequest
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 50
-# Chunks of one stream in flight at once: enough to overlap receive, reduce and commit, and a bound
-# on the memory one stream holds (about this many messages).
-PIPELINE_DEPTH = 4
+# Answers of one stream waiting to be sent. Chunks are copied into the stream's staging blocks as they
+# arrive (which bound its memory), so this only needs to exceed the chunks of two blocks.
+PIPELINE_DEPTH = 256
 MAX_PAGE_SIZE = 1000
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -114,7 +114,9 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
                     decode = functools.partial(
                         wire.decode_chunk, chunk, lease.num_classes, self.settings.max_chunk_rows
                     )
-                    future: asyncio.Future[Any] = self.coordinator.submit_chunk(lease, chunk.sequence, decode)
+                    future: asyncio.Future[Any] = await self.coordinator.submit_chunk(
+                        lease, chunk.sequence, decode
+                    )
                 else:
                     future = loop.create_future()
                     future.set_result(await self._control(request, kind, peer, stream))

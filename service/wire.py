@@ -63,8 +63,13 @@ def _dtype_name(code: int) -> str:
         return str(code)
 
 
-def _check(t: tensor_pb2.Tensor, what: str, allowed: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    """Validate dtype, shape and byte length; return the shape."""
+def _check(
+    t: tensor_pb2.Tensor, what: str, allowed: tuple[int, ...], ndim: int
+) -> tuple[tuple[int, ...], bytes]:
+    """Validate dtype, shape and byte length; return the shape and the raw bytes.
+
+    ``raw_contents`` is read once: protobuf copies a bytes field on every read.
+    """
     if t.dtype == DT.DATA_TYPE_UNSPECIFIED:
         raise ChunkError("dtype_unspecified", f"{what}: dtype is unset; set it to one of {_names(allowed)}")
     if t.dtype not in allowed:
@@ -75,25 +80,26 @@ def _check(t: tensor_pb2.Tensor, what: str, allowed: tuple[int, ...], ndim: int)
     if len(shape) != ndim or any(d < 0 for d in shape):
         raise ChunkError("bad_shape", f"{what}: shape {list(shape)} must have {ndim} non-negative dimensions")
     expected = math.prod(shape) * ITEMSIZE[t.dtype]
-    if len(t.raw_contents) != expected:
+    raw = t.raw_contents
+    if len(raw) != expected:
         raise ChunkError(
             "byte_length_mismatch",
-            f"{what}: {len(t.raw_contents)} bytes but shape {list(shape)} of {_dtype_name(t.dtype)} "
+            f"{what}: {len(raw)} bytes but shape {list(shape)} of {_dtype_name(t.dtype)} "
             f"needs {expected}; send raw little-endian row-major bytes",
         )
-    return shape
+    return shape, raw
 
 
 def _names(codes: tuple[int, ...]) -> str:
     return ", ".join(_dtype_name(c) for c in codes)
 
 
-def _view(t: tensor_pb2.Tensor, shape: tuple[int, ...]) -> npt.NDArray[np.generic]:
-    return np.frombuffer(t.raw_contents, dtype=NUMPY_DTYPES[t.dtype]).reshape(shape)
+def _view(raw: bytes, code: int, shape: tuple[int, ...]) -> npt.NDArray[np.generic]:
+    return np.frombuffer(raw, dtype=NUMPY_DTYPES[code]).reshape(shape)
 
 
 def decode_chunk(chunk: service_pb2.Chunk, num_classes: int, max_rows: int) -> DecodedChunk:
-    """The chunk's scores [n, C], labels [n] and optional sample ids [n], without copying."""
+    """The chunk's scores [n, C], labels [n] and optional sample ids [n], as views over its bytes."""
     scores_t = chunk.scores
     if scores_t.dtype in SCORE_DTYPES and len(scores_t.shape) >= 1 and scores_t.shape[0] > max_rows:
         raise ChunkError(
@@ -101,7 +107,7 @@ def decode_chunk(chunk: service_pb2.Chunk, num_classes: int, max_rows: int) -> D
             f"scores: {scores_t.shape[0]} rows exceed the server's max_chunk_rows={max_rows}; "
             "send smaller chunks",
         )
-    shape = _check(scores_t, "scores", SCORE_DTYPES, 2)
+    shape, raw = _check(scores_t, "scores", SCORE_DTYPES, 2)
     n, c = shape
     if c != num_classes:
         raise ChunkError(
@@ -111,24 +117,24 @@ def decode_chunk(chunk: service_pb2.Chunk, num_classes: int, max_rows: int) -> D
     scores: Scores
     if scores_t.dtype == DT.DATA_TYPE_BFLOAT16:
         scores = (
-            torch.frombuffer(scores_t.raw_contents, dtype=torch.bfloat16).reshape(n, c)
+            torch.frombuffer(raw, dtype=torch.bfloat16).reshape(n, c)
             if n
             else torch.empty((0, c), dtype=torch.bfloat16)
         )
     else:
-        scores = _view(scores_t, shape)  # type: ignore[assignment]
-    label_shape = _check(chunk.labels, "labels", INDEX_DTYPES, 1)
+        scores = _view(raw, scores_t.dtype, shape)  # type: ignore[assignment]
+    label_shape, label_raw = _check(chunk.labels, "labels", INDEX_DTYPES, 1)
     if label_shape[0] != n:
         raise ChunkError("label_count_mismatch", f"labels: {label_shape[0]} labels for {n} rows of scores")
-    labels = _view(chunk.labels, label_shape)
+    labels = _view(label_raw, chunk.labels.dtype, label_shape)
     sample_ids = None
     if chunk.HasField("sample_ids"):
-        id_shape = _check(chunk.sample_ids, "sample_ids", INDEX_DTYPES, 1)
+        id_shape, id_raw = _check(chunk.sample_ids, "sample_ids", INDEX_DTYPES, 1)
         if id_shape[0] != n:
             raise ChunkError("label_count_mismatch", f"sample_ids: {id_shape[0]} ids for {n} rows of scores")
-        ids = _view(chunk.sample_ids, id_shape)
+        ids = _view(id_raw, chunk.sample_ids.dtype, id_shape)
         sample_ids = ids if ids.dtype == np.int64 else ids.astype(np.int64)
-    return DecodedChunk(scores, labels, sample_ids, len(scores_t.raw_contents))  # type: ignore[arg-type]
+    return DecodedChunk(scores, labels, sample_ids, len(raw))  # type: ignore[arg-type]
 
 
 def encode_tensor(array: npt.ArrayLike | torch.Tensor) -> tensor_pb2.Tensor:

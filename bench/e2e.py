@@ -1,0 +1,335 @@
+"""End to end: the real client streams a 3,000-class workload into the real server, until finalize.
+
+Each rank is its own process (as in a training job) holding a few [4096, C]
+torch batches it ``add()``s repeatedly with fresh sample ids; the server is
+another process with its default settings and a SQLite store in a temporary
+directory. One run is one evaluation: from the moment every rank is released
+until the last rank's ``close()`` returns with the finalized evaluation.
+In the same run, the transport ceiling (``bench.transport``: a plain gRPC
+client-streaming sink of 1 MiB messages) is measured between repeats, and the
+ratio of end-to-end logits bytes/s to it is reported.
+
+Run: ``python -m bench.e2e [--samples 98304] [--repeats 3] [--ranks 1,4] [--dtypes float32,bfloat16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import transport
+from .common import table, write_json
+
+C = 3000
+BATCH = 4096
+MIB = 1 << 20
+# OpenMP threads spin after each parallel region by default, stealing the core gRPC needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _serve(data_dir: str, overrides: dict[str, Any], ready: Any, stop: Any) -> None:
+    """Child process: the real server with default settings, until ``stop`` is set."""
+    from evalstream.service.server import BackgroundServer
+    from evalstream.service.settings import Settings
+
+    settings = Settings.load(
+        env={},
+        data_dir=data_dir,
+        grpc_address="127.0.0.1:0",
+        metrics_address="",
+        device="cpu",
+        **overrides,
+    )
+    with BackgroundServer(settings) as server:
+        ready.put(server.target)
+        stop.wait()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (peak resident set) of a live process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+class ServerProcess:
+    """The evalstream server in its own process, on loopback, with a throwaway data directory."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory(prefix="evalstream-bench-")
+        self.data_dir = Path(self._tmp.name)
+        self._stop = self._ctx.Event()
+        ready = self._ctx.Queue()
+        self.process = self._ctx.Process(
+            target=_serve, args=(str(self.data_dir), overrides, ready, self._stop), daemon=True
+        )
+        self.process.start()
+        self.target: str = ready.get(timeout=120)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes(self.pid)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One rank's part of one run."""
+
+    step: int
+    dtype: str
+    batches: int
+    world_size: int
+
+
+def make_batches(dtype: str, count: int = 3, seed: int = 0) -> list[tuple[Any, Any]]:
+    """A few distinct [BATCH, C] torch batches (logits leaning to an imbalanced label) and labels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, C + 1, dtype=torch.float64)
+    out = []
+    for _ in range(count):
+        labels = torch.multinomial(weights, BATCH, replacement=True, generator=g)
+        scores = torch.randn(BATCH, C, generator=g)
+        scores[torch.arange(BATCH), labels] += 2.0 + torch.randn(BATCH, generator=g)
+        out.append((scores.to(getattr(torch, dtype)), labels))
+    return out
+
+
+def _rank_worker(target: str, rank: int, jobs: Any, barrier: Any, results: Any) -> None:
+    """Child process: one rank of a training job, streaming each job's batches when released."""
+    import torch
+
+    from evalstream.client import EvalClient
+
+    data: dict[str, list[tuple[Any, Any]]] = {}
+    client = EvalClient(target)
+    while (job := jobs.get()) is not None:
+        batches = data.get(job.dtype) or data.setdefault(job.dtype, make_batches(job.dtype, seed=rank))
+        barrier.wait()
+        start = time.perf_counter()
+        cpu0 = _cpu_seconds()
+        add_seconds = 0.0
+        with client.evaluation(
+            run="bench-e2e",
+            model=f"{job.dtype}-{job.world_size}",
+            num_classes=C,
+            step=job.step,
+            rank=rank,
+            world_size=job.world_size,
+        ) as stream:
+            for i in range(job.batches):
+                scores, labels = batches[i % len(batches)]
+                first = (i * job.world_size + rank) * BATCH
+                ids = torch.arange(first, first + BATCH)
+                t0 = time.perf_counter()
+                stream.add(scores, labels, sample_ids=ids)
+                add_seconds += time.perf_counter() - t0
+        end = time.perf_counter()
+        cpu = _cpu_seconds() - cpu0
+        summary = stream.summary
+        assert summary is not None
+        results.put(
+            {
+                "rank": rank,
+                "start": start,
+                "end": end,
+                "samples": summary.samples,
+                "finalized": summary.finalized,
+                "add_seconds": add_seconds,
+                "cpu_seconds": cpu,
+            }
+        )
+    client.close()
+
+
+class Ranks:
+    """``world_size`` rank processes kept alive across runs (torch import and data once)."""
+
+    def __init__(self, target: str, world_size: int, server_pid: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.server_pid = server_pid
+        self.world_size = world_size
+        self.barrier = ctx.Barrier(world_size)
+        self.results = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [
+            ctx.Process(
+                target=_rank_worker, args=(target, r, self.jobs[r], self.barrier, self.results), daemon=True
+            )
+            for r in range(world_size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, step: int, dtype: str, samples: int) -> dict[str, Any]:
+        batches = max(1, samples // (BATCH * self.world_size))
+        server_cpu0 = process_cpu_seconds(self.server_pid)
+        for q in self.jobs:
+            q.put(Job(step, dtype, batches, self.world_size))
+        parts = [self.results.get(timeout=600) for _ in range(self.world_size)]
+        server_cpu = process_cpu_seconds(self.server_pid) - server_cpu0
+        elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+        n = sum(p["samples"] for p in parts)
+        expected = batches * BATCH * self.world_size
+        if n != expected or not any(p["finalized"] for p in parts):
+            raise RuntimeError(
+                f"run committed {n} of {expected} samples; finalized={[p['finalized'] for p in parts]}"
+            )
+        itemsize = 4 if dtype == "float32" else 2
+        return {
+            "seconds": elapsed,
+            "samples": n,
+            "samples_per_s": n / elapsed,
+            "logits_gb_per_s": n * C * itemsize / elapsed / 1e9,
+            "add_ms_per_batch": 1e3 * statistics.median(p["add_seconds"] for p in parts) / batches,
+            # CPU per sample: where the machine's two cores went.
+            "client_cpu_us_per_sample": 1e6 * sum(p["cpu_seconds"] for p in parts) / n,
+            "server_cpu_us_per_sample": 1e6 * server_cpu / n,
+        }
+
+    def close(self) -> None:
+        for q in self.jobs:
+            q.put(None)
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.terminate()
+
+
+def ceiling(seconds: float) -> float:
+    """Transport ceiling in bytes/s: raw 1 MiB messages through a plain gRPC sink (one measurement)."""
+    rows = transport.run([MIB], seconds, 1)["rows"]
+    return float(next(r["gb_per_s_median"] for r in rows if r["form"] == "raw")) * 1e9
+
+
+def run(
+    samples: int, repeats: int, ranks: list[int], dtypes: list[str], ceiling_seconds: float
+) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    ceilings: list[float] = []
+    step = 0
+    with ServerProcess() as server:
+        for world in ranks:
+            pool = Ranks(server.target, world, server.pid)
+            try:
+                for dtype in dtypes:
+                    pool.run(step, dtype, BATCH * world)  # warm-up: connections, reducers, data
+                    step += 1
+                    runs = []
+                    for _ in range(repeats):
+                        runs.append(pool.run(step, dtype, samples))
+                        step += 1
+                        ceilings.append(ceiling(ceiling_seconds))
+                    rows.append(_row(world, dtype, runs, ceilings[-repeats:]))
+            finally:
+                pool.close()
+        rss = server.peak_rss()
+    return {"samples_per_run": samples, "repeats": repeats, "rows": rows, "server_peak_rss_bytes": rss}
+
+
+def _row(world: int, dtype: str, runs: list[dict[str, Any]], ceilings: list[float]) -> dict[str, Any]:
+    rates = [r["samples_per_s"] for r in runs]
+    gbs = [r["logits_gb_per_s"] for r in runs]
+    # Ratio per repeat against the ceiling measured right after it, then the median.
+    ratios = [g * 1e9 / c for g, c in zip(gbs, ceilings, strict=True)]
+    ceiling_f32 = statistics.median(ceilings) / (4 * C)
+    return {
+        "ranks": world,
+        "dtype": dtype,
+        "samples/s": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "GB/s": statistics.median(gbs),
+        "ceiling GB/s": statistics.median(ceilings) / 1e9,
+        "ceiling f32 samples/s": ceiling_f32,
+        "x ceiling (bytes)": statistics.median(ratios),
+        "x ceiling (samples)": statistics.median(rates) / ceiling_f32,
+        "add ms/batch": statistics.median(r["add_ms_per_batch"] for r in runs),
+        "client cpu us/sample": statistics.median(r["client_cpu_us_per_sample"] for r in runs),
+        "server cpu us/sample": statistics.median(r["server_cpu_us_per_sample"] for r in runs),
+        "runs": runs,
+    }
+
+
+COLUMNS = [
+    "ranks",
+    "dtype",
+    "samples/s",
+    "min",
+    "max",
+    "GB/s",
+    "ceiling GB/s",
+    "x ceiling (bytes)",
+    "x ceiling (samples)",
+    "add ms/batch",
+    "client cpu us/sample",
+    "server cpu us/sample",
+]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=24 * BATCH, help="samples per run (all ranks)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ranks", default="1,4")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--ceiling-seconds", type=float, default=1.5)
+    args = ap.parse_args(argv)
+    result = run(
+        args.samples,
+        args.repeats,
+        [int(r) for r in args.ranks.split(",")],
+        args.dtypes.split(","),
+        args.ceiling_seconds,
+    )
+    print(table(result["rows"], COLUMNS))
+    print(f"server peak RSS {result['server_peak_rss_bytes'] / 2**20:,.0f} MiB")
+    write_json("e2e", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
