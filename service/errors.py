@@ -11,6 +11,7 @@ import errno
 import sqlite3
 
 import grpc
+from google.protobuf.message import DecodeError
 
 # The store cannot take writes: out of space (the message says to free some) ...
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -80,6 +81,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a failed RPC ends with."""
     if isinstance(exc, ServiceError):
         return status_code(exc.code), exc.message
+    if isinstance(exc, DecodeError):
+        # Raised by gRPC's deserialisation of a request (corrupt bytes, a string that is not UTF-8).
+        return grpc.StatusCode.INVALID_ARGUMENT, (
+            f"the request is not a valid evalstream.v1 message ({exc}); strings (names) must be UTF-8"
+        )
     store = store_failure(exc)
     if store is not None:
         return store
