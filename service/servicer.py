@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
@@ -103,6 +105,12 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
         try:
             async for request in requests:
                 kind = request.WhichOneof("message")
+                unknown = unknown_fields(request)
+                if unknown:
+                    raise InvalidArgument(
+                        f"the request carries fields this server does not know ({', '.join(unknown)}); "
+                        "they would be silently ignored, so it is refused: drop them or upgrade the server"
+                    )
                 if kind == "chunk":
                     if stream.lease is None:
                         raise FailedPrecondition(
@@ -348,6 +356,18 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             metrics=dict(result.metrics),
             records=records,
         )
+
+
+def unknown_fields(msg: Message, path: str = "") -> list[str]:
+    """Fields of ``msg`` (and its sub-messages) this build does not know; proto3 keeps them unread."""
+    here = path or msg.DESCRIPTOR.name
+    fields = UnknownFieldSet(msg)
+    out = [f"{here} field {fields[i].field_number}" for i in range(len(fields))]
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None:
+            for item in value if fd.is_repeated else (value,):
+                out += unknown_fields(item, f"{here}.{fd.name}")
+    return out
 
 
 def ref_to_args(ref: evaluation_pb2.EvaluationRef) -> tuple[str, str, str, int | None]:
