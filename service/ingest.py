@@ -55,6 +55,8 @@ T = TypeVar("T")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,127}$")
 DEFAULT_SPLIT = "validation"
 # Codes of in-band rejections by reason; everything else a bad chunk can be is INVALID_ARGUMENT.
+# Larger worlds are a mistake, not a job (and would never finalize): refused at open.
+MAX_WORLD_SIZE = 1 << 16
 REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
 # A staged block is reduced after this long without a new chunk, so a slow (or lock-step) stream
 # still hears its acknowledgements; a streaming client sends the next chunk well within it.
@@ -217,8 +219,17 @@ class Coordinator:
                 f"rank {request.rank} is out of range for world_size {request.world_size} (ranks are 0..."
                 f"{request.world_size - 1})"
             )
+        if request.world_size > MAX_WORLD_SIZE:
+            raise InvalidArgument(f"world_size {request.world_size} is over the maximum {MAX_WORLD_SIZE}")
         if request.num_classes < 2:
             raise InvalidArgument(f"num_classes must be >= 2, got {request.num_classes}")
+        # One row of float16 scores must fit in a message, or no chunk could ever be sent.
+        max_classes = self.settings.max_message_bytes // 2
+        if request.num_classes > max_classes:
+            raise InvalidArgument(
+                f"num_classes {request.num_classes} is over {max_classes}: one row of scores would not fit "
+                f"in a message of max_message_bytes={self.settings.max_message_bytes}"
+            )
         slot = (request.key, request.rank)
         if slot in self._leases:
             raise Aborted(
