@@ -129,7 +129,7 @@ class EvalClient:
             open_timeout=open_timeout,
         )
         return EvaluationStream(
-            self._stub,
+            self._channel,
             open_request,
             self._metadata,
             options,

@@ -21,13 +21,31 @@ from typing import Any, Literal
 
 import grpc
 
-from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+from evalstream.v1 import evaluation_pb2, service_pb2
 
 from .errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
-from .tensors import HostBatch, PinnedPool, encode_chunk, rows_per_chunk, score_itemsize, to_host_batch
+from .tensors import (
+    HostBatch,
+    HostPool,
+    PinnedPool,
+    encode_chunk_bytes,
+    rows_per_chunk,
+    score_itemsize,
+    to_host_batch,
+)
 from .transport import RETRYABLE, RetryPolicy
 
 OnRejection = Literal["raise", "collect"]
+STREAM_METHOD = "/evalstream.v1.EvalStreamService/StreamEvaluation"
+
+
+def raw_stream_call(channel: grpc.Channel) -> Any:
+    """StreamEvaluation taking requests already serialized (chunks are encoded by hand, see tensors.py)."""
+    return channel.stream_stream(
+        STREAM_METHOD,
+        request_serializer=None,
+        response_deserializer=service_pb2.StreamEvaluationResponse.FromString,
+    )
 
 
 @dataclass
@@ -84,20 +102,21 @@ class EvaluationStream:
 
     def __init__(
         self,
-        stub: service_pb2_grpc.EvalStreamServiceStub,
+        channel: grpc.Channel,
         open_request: service_pb2.OpenShard,
         metadata: tuple[tuple[str, str], ...],
         options: StreamOptions,
         waiter: Callable[[float | None], evaluation_pb2.Evaluation],
         get_evaluation: Callable[[], evaluation_pb2.Evaluation],
     ) -> None:
-        self._stub = stub
+        self._stream_call = raw_stream_call(channel)
         self._open = open_request
         self._metadata = metadata
         self._opt = options
         self._waiter = waiter
         self._get_evaluation = get_evaluation
         self._pool = PinnedPool()
+        self._host_pool = HostPool()
         self.stats = StreamStats()
         self.rejections: list[service_pb2.ChunkRejection] = []
         self._unreported: list[service_pb2.ChunkRejection] = []
@@ -107,9 +126,8 @@ class EvaluationStream:
         self._cur: HostBatch | None = None
         self._cur_row = 0
         self._next_seq = 0
-        self._unacked: collections.OrderedDict[int, service_pb2.StreamEvaluationRequest] = (
-            collections.OrderedDict()
-        )
+        # Serialized chunk requests sent and not yet acknowledged, kept for replay.
+        self._unacked: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._samples_committed = 0
         self._opened: service_pb2.ShardOpened | None = None
         self.resumed_from: int | None = None
@@ -159,6 +177,7 @@ class EvaluationStream:
             num_classes=self._open.num_classes,
             copy=self._opt.copy,
             pool=self._pool,
+            host_pool=self._host_pool,
         )
         if batch.rows == 0:
             batch.release()
@@ -305,17 +324,17 @@ class EvaluationStream:
             self._cv.notify_all()
 
     def _run_session(self, session: _Session) -> None:
-        reqs: queue.SimpleQueue[service_pb2.StreamEvaluationRequest | None] = queue.SimpleQueue()
-        reqs.put(service_pb2.StreamEvaluationRequest(open=self._open))
+        reqs: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        reqs.put(service_pb2.StreamEvaluationRequest(open=self._open).SerializeToString())
 
-        def requests() -> Iterator[service_pb2.StreamEvaluationRequest]:
+        def requests() -> Iterator[bytes]:
             while (item := reqs.get()) is not None:
                 yield item
 
         with self._cv:
             if self._aborted:
                 return
-            call = self._stub.StreamEvaluation(requests(), metadata=self._metadata)
+            call = self._stream_call(requests(), metadata=self._metadata)
             self._call = call
         reader: threading.Thread | None = None
         try:
@@ -341,9 +360,7 @@ class EvaluationStream:
             if reader is not None:
                 reader.join()
 
-    def _handle_opened(
-        self, call: Any, session: _Session
-    ) -> list[service_pb2.StreamEvaluationRequest] | None:
+    def _handle_opened(self, call: Any, session: _Session) -> list[bytes] | None:
         """Apply the resume point; the chunks to replay, or None when nothing more is to be sent."""
         try:
             first = next(call)
@@ -401,9 +418,7 @@ class EvaluationStream:
             del self._unacked[seq]
         self._cv.notify_all()
 
-    def _pump(
-        self, reqs: queue.SimpleQueue[service_pb2.StreamEvaluationRequest | None], session: _Session
-    ) -> None:
+    def _pump(self, reqs: queue.SimpleQueue[bytes | None], session: _Session) -> None:
         """Encode queued batches into chunks while the in-flight window allows; then close."""
         while True:
             with self._cv:
@@ -417,11 +432,8 @@ class EvaluationStream:
                             break
                     elif self._close_requested and not session.close_sent:
                         session.close_sent = True
-                        reqs.put(
-                            service_pb2.StreamEvaluationRequest(
-                                close=service_pb2.CloseShard(num_chunks=self._next_seq)
-                            )
-                        )
+                        close = service_pb2.CloseShard(num_chunks=self._next_seq)
+                        reqs.put(service_pb2.StreamEvaluationRequest(close=close).SerializeToString())
                     self._cv.wait()
                 batch, start, seq = self._cur, self._cur_row, self._next_seq
             batch.ready()
@@ -432,7 +444,7 @@ class EvaluationStream:
                 self._opt.max_message_bytes,
             )
             stop = min(batch.rows, start + step)
-            req = encode_chunk(batch, start, stop, seq)
+            req = encode_chunk_bytes(batch, start, stop, seq)
             with self._cv:
                 self._unacked[seq] = req
                 self._next_seq += 1

@@ -114,6 +114,53 @@ class PinnedPool:
                 self._free.append(buf)
 
 
+class HostPool:
+    """Reused host buffers for the copies ``add()`` takes of CPU scores.
+
+    A fresh [4096, 3000] float32 copy costs ~13 ms, mostly page faults on newly
+    mapped memory; copying into a buffer already mapped costs ~2 ms. Buffers come
+    back when their batch has been encoded; at most ``max_buffers`` stay idle.
+    """
+
+    def __init__(self, max_buffers: int = 4) -> None:
+        self._free: list[npt.NDArray[np.uint8]] = []
+        self._lock = threading.Lock()
+        self._max = max_buffers
+
+    def take(self, nbytes: int) -> npt.NDArray[np.uint8]:
+        """A uint8 array of exactly ``nbytes`` bytes over a buffer of at least that size."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+            if fits:
+                best = min(fits, key=lambda i: self._free[i].nbytes)
+                return self._free.pop(best)[:nbytes]
+        return np.empty(max(nbytes, 1), dtype=np.uint8)[:nbytes]
+
+    def give(self, buf: npt.NDArray[np.uint8]) -> None:
+        base = buf.base if isinstance(buf.base, np.ndarray) else buf
+        with self._lock:
+            if len(self._free) < self._max:
+                self._free.append(base)
+
+
+def _pooled_copy(x: Any, batch: HostBatch, pool: HostPool) -> npt.NDArray[Any]:
+    """A contiguous copy of a CPU tensor or numpy array in a pooled buffer (same dtype and shape)."""
+    if _is_tensor(x):
+        import torch
+
+        nbytes = x.numel() * x.element_size()
+        buf = pool.take(nbytes)
+        batch.releases.append(lambda: pool.give(buf))
+        host = torch.from_numpy(buf).view(x.dtype).view(x.shape)
+        host.copy_(x)
+        return _as_numpy(host)
+    buf = pool.take(x.nbytes)
+    batch.releases.append(lambda: pool.give(buf))
+    host = buf.view(x.dtype).reshape(x.shape)
+    np.copyto(host, x)
+    return host
+
+
 def _as_numpy(x: Any) -> npt.NDArray[Any]:
     """A numpy view of a host tensor (bfloat16 as its int16 bit pattern), or x itself."""
     if _is_tensor(x):
@@ -140,7 +187,9 @@ def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
     return torch.int32 if role == "labels" and x.dtype == torch.int32 else torch.int64
 
 
-def _torch_host(x: torch.Tensor, role: str, copy: bool, batch: HostBatch, pool: PinnedPool) -> Any:
+def _torch_host(
+    x: torch.Tensor, role: str, copy: bool, batch: HostBatch, pool: PinnedPool, host_pool: HostPool | None
+) -> Any:
     """Host form of a tensor: pinned async copy for CUDA, numpy array otherwise."""
     import torch
 
@@ -165,11 +214,15 @@ def _torch_host(x: torch.Tensor, role: str, copy: bool, batch: HostBatch, pool: 
     if x.dtype != dtype:
         x = x.to(dtype)  # a conversion is a copy already
     elif copy or not x.is_contiguous():
+        if host_pool is not None and role == "scores" and x.numel():
+            return _pooled_copy(x, batch, host_pool)
         x = x.clone(memory_format=torch.contiguous_format)
     return _as_numpy(x)
 
 
-def _numpy_host(x: Any, role: str, copy: bool) -> npt.NDArray[Any]:
+def _numpy_host(
+    x: Any, role: str, copy: bool, batch: HostBatch, host_pool: HostPool | None
+) -> npt.NDArray[Any]:
     """Contiguous little-endian numpy array in a wire dtype, copied unless ``copy`` is False."""
     a = np.asarray(x)
     if role == "scores":
@@ -186,6 +239,8 @@ def _numpy_host(x: Any, role: str, copy: bool) -> npt.NDArray[Any]:
         if a.dtype != np.dtype(want):
             return np.ascontiguousarray(a, dtype=want)
     a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    if copy and host_pool is not None and role == "scores" and a.size:
+        return _pooled_copy(a, batch, host_pool)
     return np.array(a, order="C", copy=True) if copy else np.ascontiguousarray(a)
 
 
@@ -204,6 +259,7 @@ def to_host_batch(
     num_classes: int,
     copy: bool = True,
     pool: PinnedPool | None = None,
+    host_pool: HostPool | None = None,
 ) -> HostBatch:
     """Validate shapes and take a host copy of one batch (torch on any device, or numpy).
 
@@ -217,8 +273,8 @@ def to_host_batch(
 
     def host(x: Any, role: str) -> Any:
         if _is_tensor(x):
-            return _torch_host(x, role, copy, batch, pool)
-        return _numpy_host(x, role, copy)
+            return _torch_host(x, role, copy, batch, pool, host_pool)
+        return _numpy_host(x, role, copy, batch, host_pool)
 
     batch.scores = host(scores, "scores")
     batch.labels = host(labels, "labels")
@@ -280,6 +336,54 @@ def encode_chunk(
     if batch.sample_ids is not None:
         chunk.sample_ids.CopyFrom(_tensor(tensor_pb2.DATA_TYPE_INT64, batch.sample_ids[start:stop]))
     return service_pb2.StreamEvaluationRequest(chunk=chunk)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload_len: int) -> bytes:
+    """Tag and length of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(payload_len)
+
+
+def _tensor_parts(dtype: int, array: npt.NDArray[Any]) -> tuple[int, list[Any]]:
+    """A Tensor message as (length, [header, payload buffer]) in protobuf wire format, without copying."""
+    head = bytearray(b"\x08" + _varint(dtype))
+    dims = b"".join(_varint(int(d)) for d in array.shape)
+    if dims:
+        head += _field(2, len(dims)) + dims
+    parts: list[Any] = [bytes(head)]
+    if array.nbytes:
+        parts += [_field(3, array.nbytes), np.ascontiguousarray(array).data.cast("B")]
+    return len(head) + (len(parts[1]) + array.nbytes if array.nbytes else 0), parts
+
+
+def encode_chunk_bytes(batch: HostBatch, start: int, stop: int, sequence: int) -> bytes:
+    """The serialized request of :func:`encode_chunk`, built with one copy of the rows.
+
+    Building the message with protobuf copies every payload several times (each
+    nested message and the final serialization copy it again: ~1.5 ms per 1 MiB
+    chunk, more than the rest of the client together), so the few tags and
+    lengths are written by hand and the arrays joined into the result directly.
+    """
+    labels = batch.labels[start:stop]
+    fields = [(2, batch.score_dtype, batch.scores[start:stop]), (3, _INT_WIRE[labels.dtype.name], labels)]
+    if batch.sample_ids is not None:
+        fields.append((4, tensor_pb2.DATA_TYPE_INT64, batch.sample_ids[start:stop]))
+    chunk: list[Any] = [b"\x08" + _varint(sequence)] if sequence else []
+    size = len(chunk[0]) if chunk else 0
+    for number, dtype, array in fields:
+        length, parts = _tensor_parts(dtype, array)
+        head = _field(number, length)
+        chunk += [head, *parts]
+        size += len(head) + length
+    return b"".join([_field(2, size), *chunk])
 
 
 def score_itemsize(score_dtype: int) -> int:
