@@ -12,7 +12,14 @@ a that is a sum of two of {0.25, 0.5, 1, 2} (0.75, 1.25, 1.5, 2.5, 3, 4) is a
 row-wise dot product of two of them. Any other a is computed directly as
 logsumexp(a z) - a z_y (exact, one exponential per class).
 
-This module only plans which powers a grid needs; the reducer executes it.
+The compiled pass (fused.py) uses a ``Ladder`` instead: with d = z - max z and
+q = exp(step * d) for the grid's coarsest dyadic step (1, 1/2 or 1/4), every
+dyadic point is e ** a = q ** k with k = a / step, formed by repeated squaring
+and products (multiplications only, inside the one loop over classes); e = q ** (1 / step)
+gives the normaliser S = sum_c e_c itself. Unnormalised e has its largest term
+exactly 1, so sums are >= 1 and small powers underflow only where exp(a * d) does.
+
+This module only plans which powers a grid needs; the reducer and fused.py execute it.
 """
 
 from __future__ import annotations
@@ -70,3 +77,41 @@ def plan(inverse_temperatures: tuple[float, ...]) -> PowerPlan:
                 bases.update(pair)
     bases.discard(1.0)
     return PowerPlan(tuple(terms), frozenset(bases))
+
+
+# The ladder forms q ** k by squarings and products: its rounding grows about linearly in k
+# (~k/2 ulps), so points beyond this exponent take exp(a * d) directly.
+MAX_EXPONENT = 64
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """Powers for the compiled pass: e ** a = q ** k with q = exp(step * d).
+
+    ``step``: 1, 0.5 or 0.25, the coarsest that makes every dyadic grid point a multiple.
+    ``exponents``: k per grid point, or None where the point takes exp(a * d) directly.
+    ``unit``: k of e itself (1 / step); 2 * unit is e ** 2 (Brier).
+    """
+
+    step: float
+    exponents: tuple[int | None, ...]
+
+    @property
+    def unit(self) -> int:
+        return round(1.0 / self.step)
+
+    def needed(self) -> tuple[int, ...]:
+        """Every exponent whose row sum the pass takes: the grid's, e and e ** 2."""
+        ks = {k for k in self.exponents if k is not None} | {self.unit, 2 * self.unit}
+        return tuple(sorted(ks))
+
+
+def ladder(inverse_temperatures: tuple[float, ...]) -> Ladder:
+    """The coarsest step that reaches every grid point that is a multiple of 1/4."""
+    quarters = [round(4 * a) for a in inverse_temperatures if float(4 * a).is_integer()]
+    step = 1.0 if all(k % 4 == 0 for k in quarters) else 0.5 if all(k % 2 == 0 for k in quarters) else 0.25
+    exponents: list[int | None] = []
+    for a in inverse_temperatures:
+        k = a / step
+        exponents.append(round(k) if k.is_integer() and 1 <= k <= MAX_EXPONENT else None)
+    return Ladder(step, tuple(exponents))

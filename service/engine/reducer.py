@@ -16,6 +16,13 @@ Buffers are allocated once, sized for ``rows`` rows, and reused for every block
 of every chunk: fresh full-size tensors per chunk cost page faults that
 dominate the arithmetic. The reducer keeps no other state, and every check
 runs before a record is returned, so a rejected chunk changes nothing.
+
+That is the eager backend (one PyTorch operation, one pass over the block, ~25
+a block). The compiled backend runs the same quantities, from unnormalised
+powers of exp(z - m), as one TorchInductor kernel over the whole chunk (see
+fused.py); both agree with the float64 reference to float32 rounding. The
+finiteness and log-probability checks run once a chunk, after the arithmetic,
+so a GPU never waits on the host between blocks.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 
 from .config import EngineConfig
 from .errors import ChunkError
+from .fused import KernelKey, RowPass, compiler_available, kernel_for
 from .powers import PowerPlan, plan
 from .records import FIELDS, NO_SAMPLE_ID, Records
 from .validate import locate_non_finite, validate
@@ -33,6 +41,8 @@ from .validate import locate_non_finite, validate
 # block's working set stays in L2/L3 across the ~25 passes (measured fastest of 32..1024 rows
 # on a 2-core EPYC: 1024-row blocks were 1.5x slower). Rows shrink further for huge C.
 BUFFER_BYTES = 3 << 20
+# On a GPU the cache argument does not apply and each block costs ~25 kernel launches: larger blocks.
+CUDA_BUFFER_BYTES = 64 << 20
 # Log-probability rows may exceed log(1) = 0 by this much in logsumexp (rounding in the sender).
 LOG_PROB_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -47,6 +57,14 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"engine device must be 'auto', 'cpu' or 'cuda:N', got {spec!r}")
     return dev
+
+
+def resolve_backend(spec: str, device: torch.device) -> str:
+    """ "auto" is compiled on CPU where a C++ compiler is found, else eager (the compiled CUDA path
+    needs Triton and is opt-in: "compiled"); "eager" and "compiled" are taken as given."""
+    if spec == "auto":
+        return "compiled" if device.type == "cpu" and compiler_available() else "eager"
+    return spec
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -76,7 +94,9 @@ class ChunkReducer:
         self.config = config
         self.score_kind = score_kind
         self.device = resolve_device(config.device)
-        self.rows = max(1, min(config.block_rows, BUFFER_BYTES // (4 * num_classes)))
+        self.backend = resolve_backend(config.backend, self.device)
+        cap = CUDA_BUFFER_BYTES if self.device.type == "cuda" else BUFFER_BYTES
+        self.rows = max(1, min(config.block_rows, cap // (4 * num_classes)))
         self.plan: PowerPlan = plan(config.inverse_temperatures)
         self.grid = np.asarray(config.inverse_temperatures, dtype=np.float64)
         if config.intra_op_threads > 0 and self.device.type == "cpu":
@@ -109,6 +129,11 @@ class ChunkReducer:
 
     # -- public --------------------------------------------------------------------------------
 
+    def active_backend(self, dtype: torch.dtype = torch.float32) -> str:
+        """The backend that reduces scores of ``dtype``: "compiled" once its kernel compiled, else
+        "eager" (compiles on first use, as ``reduce`` would)."""
+        return "eager" if self._kernel(dtype) is None else "compiled"
+
     def reduce(self, scores: object, labels: object, sample_ids: object = None) -> Records:
         """Records for one chunk; ``ChunkError`` (and nothing else changed) on bad input."""
         chunk = validate(scores, labels, sample_ids, self.num_classes)
@@ -116,17 +141,13 @@ class ChunkReducer:
         grid = self.config.inverse_temperatures
         if n == 0:
             return Records.empty(grid)
-        g = len(grid)
-        # Output columns, filled block by block on the device: nll, conf, brier, entropy, nll_t...
-        floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
-        ints = torch.empty((n, 2), dtype=torch.int32, device=self.device)
-        labels_dev = chunk.labels.to(self.device, non_blocking=True)
+        kernel = self._kernel(chunk.scores.dtype)
         with torch.no_grad():
-            for start in range(0, n, self.rows):
-                end = min(n, start + self.rows)
-                self._reduce_block(
-                    chunk.scores[start:end], labels_dev[start:end], start, floats[start:end], ints[start:end]
-                )
+            if kernel is None:
+                floats, ints, lse = self._reduce_eager(chunk.scores, chunk.labels)
+            else:
+                floats, ints, lse = self._reduce_compiled(kernel, chunk.scores, chunk.labels)
+            self._check(chunk.scores, floats, lse)
         floats_np = floats.cpu().numpy()
         ints_np = ints.cpu().numpy()
         ids = (
@@ -147,6 +168,74 @@ class ChunkReducer:
             inverse_temperatures=self.grid.copy(),
         )
 
+    # -- backends ------------------------------------------------------------------------------
+
+    def _kernel(self, dtype: torch.dtype) -> RowPass | None:
+        """The compiled row pass for this dtype, or None for the eager path."""
+        if self.backend == "eager":
+            return None
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+        key = KernelKey(
+            self.num_classes,
+            tuple(self.config.inverse_temperatures),
+            self.config.max_rank,
+            dtype,
+            str(self.device),
+            threads,
+        )
+        return kernel_for(key)
+
+    def _reduce_compiled(
+        self, kernel: RowPass, scores: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One kernel call over the whole chunk: each row is independent, so no blocks are needed."""
+        n = scores.shape[0]
+        z = scores.detach().to(self.device, non_blocking=True)
+        if not z.is_contiguous():
+            z = z.contiguous()  # the kernel is specialised for row-major [n, C]
+        y = labels.to(self.device, non_blocking=True)
+        if n == 1:  # a dynamic row count must be >= 2, or the kernel would be recompiled for 1
+            z, y = z.expand(2, -1).contiguous(), y.expand(2).contiguous()
+        floats, ints, lse = kernel(z, y)
+        return floats[:n], ints[:n], lse[:n]
+
+    def _reduce_eager(
+        self, scores: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block loop: outputs filled block by block on the device."""
+        n = labels.shape[0]
+        g = len(self.config.inverse_temperatures)
+        # Output columns: nll, conf, brier, entropy, nll_t...; pred, rank; logsumexp per row.
+        floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
+        ints = torch.empty((n, 2), dtype=torch.int32, device=self.device)
+        lse = torch.empty(n, dtype=torch.float32, device=self.device)
+        labels_dev = labels.to(self.device, non_blocking=True)
+        for start in range(0, n, self.rows):
+            end = min(n, start + self.rows)
+            self._reduce_block(
+                scores[start:end], labels_dev[start:end], floats[start:end], ints[start:end], lse[start:end]
+            )
+        return floats, ints, lse
+
+    def _check(self, scores: torch.Tensor, floats: torch.Tensor, lse: torch.Tensor) -> None:
+        """Reject the chunk at its first row with a non-finite NLL or entropy (any NaN/Inf score gives
+        one) or, for log-probabilities, a logsumexp above the tolerance. One host sync a chunk."""
+        bad = ~(torch.isfinite(floats[:, 0]) & torch.isfinite(floats[:, 3]))
+        tol = LOG_PROB_TOLERANCE[scores.dtype]
+        if self.score_kind == "log_probabilities":
+            bad = bad | (lse > tol)
+        if not bool(bad.any()):
+            return
+        r = int(bad.nonzero()[0, 0])
+        value = float(lse[r])
+        if not (np.isfinite(float(floats[r, 0])) and np.isfinite(float(floats[r, 3]))):
+            raise locate_non_finite(scores[r : r + 1], r)
+        raise ChunkError(
+            "log_probabilities_invalid",
+            f"row {r} has logsumexp {value:.6g} > {tol} (probabilities sum to "
+            f"{float(np.exp(value)):.6g}); send logits or normalised log-probabilities",
+        )
+
     # -- the fused pass ------------------------------------------------------------------------
 
     def _upcast(self, block: torch.Tensor) -> torch.Tensor:
@@ -160,7 +249,12 @@ class ChunkReducer:
         return z
 
     def _reduce_block(
-        self, raw: torch.Tensor, y: torch.Tensor, offset: int, out_f: torch.Tensor, out_i: torch.Tensor
+        self,
+        raw: torch.Tensor,
+        y: torch.Tensor,
+        out_f: torch.Tensor,
+        out_i: torch.Tensor,
+        out_lse: torch.Tensor,
     ) -> None:
         b = raw.shape[0]
         z = self._upcast(raw)
@@ -185,20 +279,7 @@ class ChunkReducer:
         torch.sub(z, m.unsqueeze(1), out=work).mul_(p)
         entropy = log_s - work.sum(dim=1)
 
-        if not bool(torch.isfinite(nll).all() & torch.isfinite(entropy).all()):
-            raise locate_non_finite(raw, offset)
-        if self.score_kind == "log_probabilities":
-            lse = m + log_s
-            tol = LOG_PROB_TOLERANCE[raw.dtype]
-            over = lse > tol
-            if bool(over.any()):
-                r = int(over.nonzero()[0, 0])
-                raise ChunkError(
-                    "log_probabilities_invalid",
-                    f"row {offset + r} has logsumexp {float(lse[r]):.6g} > {tol} (probabilities sum to "
-                    f"{float(torch.exp(lse[r])):.6g}); send logits or normalised log-probabilities",
-                )
-
+        torch.add(m, log_s, out=out_lse)
         out_f[:, 0] = nll
         out_f[:, 1] = conf
         out_f[:, 2] = brier
