@@ -9,4 +9,7 @@ BENCHMARKS: dict[str, str] = {
     "engine": "bench.engine",
     "transport": "bench.transport",
     "bootstrap": "bench.bootstrap",
+    "e2e": "bench.e2e",
+    "client_cost": "bench.client_cost",
+    "memory": "bench.memory",
 }

@@ -205,7 +205,7 @@ class Ranks:
             p.start()
 
     def run(self, step: int, dtype: str, samples: int) -> dict[str, Any]:
-        batches = max(1, samples // (BATCH * self.world_size))
+        batches = max(1, -(-samples // (BATCH * self.world_size)))
         server_cpu0 = process_cpu_seconds(self.server_pid)
         for q in self.jobs:
             q.put(Job(step, dtype, batches, self.world_size))
@@ -239,43 +239,83 @@ class Ranks:
                 p.terminate()
 
 
-def ceiling(seconds: float) -> float:
-    """Transport ceiling in bytes/s: raw 1 MiB messages through a plain gRPC sink (one measurement)."""
-    rows = transport.run([MIB], seconds, 1)["rows"]
-    return float(next(r["gb_per_s_median"] for r in rows if r["form"] == "raw")) * 1e9
+class Ceiling:
+    """The transport ceiling (``bench.transport``'s plain gRPC sink, raw 1 MiB messages), kept running.
+
+    Each measurement also tells the CPU both ends spent per float32 sample
+    (12,000 bytes at C=3,000): the floor under any service on this machine.
+    """
+
+    def __init__(self) -> None:
+        import grpc
+
+        ctx = mp.get_context("spawn")
+        ports = ctx.Queue()
+        self.process = ctx.Process(target=transport._serve, args=(ports,), daemon=True)
+        self.process.start()
+        port = ports.get(timeout=120)
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        transport._stream(self.channel, "raw", MIB, 0.3)  # warm-up
+
+    def measure(self, seconds: float) -> dict[str, float]:
+        assert self.process.pid is not None
+        server0, client0 = process_cpu_seconds(self.process.pid), _cpu_seconds()
+        nbytes, elapsed = transport._stream(self.channel, "raw", MIB, seconds)
+        server = process_cpu_seconds(self.process.pid) - server0
+        client = _cpu_seconds() - client0
+        samples = nbytes / (4 * C)
+        return {
+            "bytes_per_s": nbytes / elapsed,
+            "client_cpu_us_per_sample": 1e6 * client / samples,
+            "server_cpu_us_per_sample": 1e6 * server / samples,
+        }
+
+    def close(self) -> None:
+        self.channel.close()
+        self.process.terminate()
+        self.process.join(5)
 
 
 def run(
     samples: int, repeats: int, ranks: list[int], dtypes: list[str], ceiling_seconds: float
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    ceilings: list[float] = []
     step = 0
-    with ServerProcess() as server:
-        for world in ranks:
-            pool = Ranks(server.target, world, server.pid)
-            try:
-                for dtype in dtypes:
-                    pool.run(step, dtype, BATCH * world)  # warm-up: connections, reducers, data
-                    step += 1
-                    runs = []
-                    for _ in range(repeats):
-                        runs.append(pool.run(step, dtype, samples))
+    limit = Ceiling()
+    try:
+        with ServerProcess() as server:
+            for world in ranks:
+                pool = Ranks(server.target, world, server.pid)
+                try:
+                    for dtype in dtypes:
+                        pool.run(step, dtype, BATCH * world)  # warm-up: connections, reducers, data
                         step += 1
-                        ceilings.append(ceiling(ceiling_seconds))
-                    rows.append(_row(world, dtype, runs, ceilings[-repeats:]))
-            finally:
-                pool.close()
-        rss = server.peak_rss()
+                        runs, ceilings = [], []
+                        for _ in range(repeats):
+                            runs.append(pool.run(step, dtype, samples))
+                            step += 1
+                            ceilings.append(limit.measure(ceiling_seconds))
+                        rows.append(_row(world, dtype, runs, ceilings))
+                finally:
+                    pool.close()
+            rss = server.peak_rss()
+    finally:
+        limit.close()
     return {"samples_per_run": samples, "repeats": repeats, "rows": rows, "server_peak_rss_bytes": rss}
 
 
-def _row(world: int, dtype: str, runs: list[dict[str, Any]], ceilings: list[float]) -> dict[str, Any]:
+def _row(
+    world: int, dtype: str, runs: list[dict[str, Any]], ceilings: list[dict[str, float]]
+) -> dict[str, Any]:
     rates = [r["samples_per_s"] for r in runs]
     gbs = [r["logits_gb_per_s"] for r in runs]
     # Ratio per repeat against the ceiling measured right after it, then the median.
-    ratios = [g * 1e9 / c for g, c in zip(gbs, ceilings, strict=True)]
-    ceiling_f32 = statistics.median(ceilings) / (4 * C)
+    ratios = [g * 1e9 / c["bytes_per_s"] for g, c in zip(gbs, ceilings, strict=True)]
+    ceiling_bytes = statistics.median(c["bytes_per_s"] for c in ceilings)
+    ceiling_f32 = ceiling_bytes / (4 * C)
     return {
         "ranks": world,
         "dtype": dtype,
@@ -283,14 +323,17 @@ def _row(world: int, dtype: str, runs: list[dict[str, Any]], ceilings: list[floa
         "min": min(rates),
         "max": max(rates),
         "GB/s": statistics.median(gbs),
-        "ceiling GB/s": statistics.median(ceilings) / 1e9,
+        "ceiling GB/s": ceiling_bytes / 1e9,
         "ceiling f32 samples/s": ceiling_f32,
         "x ceiling (bytes)": statistics.median(ratios),
         "x ceiling (samples)": statistics.median(rates) / ceiling_f32,
         "add ms/batch": statistics.median(r["add_ms_per_batch"] for r in runs),
         "client cpu us/sample": statistics.median(r["client_cpu_us_per_sample"] for r in runs),
         "server cpu us/sample": statistics.median(r["server_cpu_us_per_sample"] for r in runs),
+        "ceiling client cpu us/sample": statistics.median(c["client_cpu_us_per_sample"] for c in ceilings),
+        "ceiling server cpu us/sample": statistics.median(c["server_cpu_us_per_sample"] for c in ceilings),
         "runs": runs,
+        "ceilings": ceilings,
     }
 
 
@@ -307,6 +350,8 @@ COLUMNS = [
     "add ms/batch",
     "client cpu us/sample",
     "server cpu us/sample",
+    "ceiling client cpu us/sample",
+    "ceiling server cpu us/sample",
 ]
 
 

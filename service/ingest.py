@@ -663,9 +663,9 @@ class Coordinator:
         return finalized
 
     def _merge(self, row: EvaluationRow) -> tuple[bytes, bytes, int]:
-        blobs = self.store.chunk_records(row.evaluation_id)
+        # The chunk blobs are freed once concatenated: finalize holds the records about twice, not thrice.
         records = Records.concat(
-            (Records.from_bytes(b) for b in blobs),
+            (Records.from_bytes(b) for b in self.store.chunk_records(row.evaluation_id)),
             inverse_temperatures=self.engine_config.inverse_temperatures,
         )
         if len(records) == 0:

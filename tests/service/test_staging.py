@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,7 +16,7 @@ from evalstream.service.staging import MAX_BLOCKS, StagingBlock, StagingPool, ca
 from evalstream.service.wire import decode_chunk
 from evalstream.v1 import service_pb2, service_pb2_grpc
 
-from .conftest import NUM_CLASSES
+from .conftest import NUM_CLASSES, small_settings
 from .helpers import Data, chunk_request, close_request, concat, expected_result, make_data, open_request
 
 
@@ -123,3 +124,30 @@ def test_pool_holds_at_most_two_blocks_per_stream() -> None:
 )
 def test_block_size_is_bounded_in_bytes(classes: int, itemsize: int, rows: int) -> None:
     assert capacity_rows(1024, classes, itemsize) == rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_staged_blocks_on_cuda_match_the_cpu_engine(tmp_path: Path, dtype: type) -> None:
+    """The server path on a GPU: staged host blocks go through the engine's pinned copies."""
+    settings = small_settings(tmp_path / "data", device="cuda")
+    parts = [make_data(90, NUM_CLASSES, seed=s, id_offset=100 * s) for s in range(8)]
+    requests = [open_request()]
+    for seq, part in enumerate(parts):
+        requests.append(chunk_request(seq, Data(part.scores.astype(dtype), part.labels, part.ids)))
+    requests.append(close_request(len(parts)))
+    with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.target) as channel:
+        answers = _pipelined(channel, requests)
+        assert answers[-1].closed.finalized and answers[-1].closed.samples == 720
+        stub = service_pb2_grpc.EvalStreamServiceStub(channel)
+        got = stub.GetEvaluation(
+            service_pb2.GetEvaluationRequest(ref={"run": "run-1", "model": "model-a", "step": 0})
+        ).evaluation.result
+    data = concat(parts)
+    cpu_settings = small_settings(tmp_path / "cpu")
+    expected = expected_result(
+        Data(data.scores.astype(dtype), data.labels, data.ids), NUM_CLASSES, cpu_settings.engine_config()
+    )
+    assert got.num_samples == expected.num_samples
+    for name, value in expected.metrics.items():
+        assert got.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
