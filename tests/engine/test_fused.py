@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -102,7 +103,10 @@ def test_a_failing_compile_falls_back_to_eager(caplog: pytest.LogCaptureFixture)
 def compiled() -> ChunkReducer:
     torch.set_num_threads(1)
     reducer = ChunkReducer(C, COMPILED)
-    if reducer.active_backend() != "compiled":
+    # Compiled in a worker thread, as the service's executor does.
+    with ThreadPoolExecutor(1) as pool:
+        backend = pool.submit(reducer.active_backend).result()
+    if backend != "compiled":
         pytest.fail("the fused pass did not compile here (a C++ compiler is needed); see the log")
     return reducer
 
@@ -178,3 +182,21 @@ def test_compiled_rejects_like_eager(
         lp_reducer.reduce(logp, labels)
     assert err.value.reason == "log_probabilities_invalid"
     assert len(lp_reducer.reduce(torch.log_softmax(logp, dim=1), labels)) == 300
+
+
+def test_compiled_kernel_serves_threads_at_once(compiled: ChunkReducer, data: Data) -> None:
+    """The service reduces chunks of several streams in executor threads, one reducer each."""
+    cuts = [(0, 400), (400, 900), (900, 1500)] * 2
+    want = [compiled.reduce(data.logits[a:b], data.labels[a:b]) for a, b in cuts]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(
+            pool.map(
+                lambda ab: ChunkReducer(C, COMPILED).reduce(
+                    data.logits[ab[0] : ab[1]], data.labels[ab[0] : ab[1]]
+                ),
+                cuts,
+            )
+        )
+    for g, w in zip(got, want, strict=True):
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(g, name), getattr(w, name), err_msg=name)
