@@ -20,10 +20,13 @@ import os
 import statistics
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import transport
 from .common import table, write_json
@@ -31,8 +34,7 @@ from .common import table, write_json
 C = 3000
 BATCH = 4096
 MIB = 1 << 20
-# OpenMP threads spin after each parallel region by default, stealing the core gRPC needs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ENGINE_SECONDS = "evalstream_chunk_compute_seconds_sum"
 
 
 def _serve(data_dir: str, overrides: dict[str, Any], ready: Any, stop: Any) -> None:
@@ -44,12 +46,12 @@ def _serve(data_dir: str, overrides: dict[str, Any], ready: Any, stop: Any) -> N
         env={},
         data_dir=data_dir,
         grpc_address="127.0.0.1:0",
-        metrics_address="",
+        metrics_address="127.0.0.1:0",
         device="cpu",
         **overrides,
     )
     with BackgroundServer(settings) as server:
-        ready.put(server.target)
+        ready.put((server.target, server.metrics_target))
         stop.wait()
 
 
@@ -86,7 +88,7 @@ class ServerProcess:
             target=_serve, args=(str(self.data_dir), overrides, ready, self._stop), daemon=True
         )
         self.process.start()
-        self.target: str = ready.get(timeout=120)
+        self.target, self.metrics_target = ready.get(timeout=120)
 
     @property
     def pid(self) -> int:
@@ -95,6 +97,15 @@ class ServerProcess:
 
     def peak_rss(self) -> int:
         return peak_rss_bytes(self.pid)
+
+    def metric(self, name: str) -> float:
+        """One sample of the server's own Prometheus metrics (e.g. the engine's total seconds)."""
+        with urllib.request.urlopen(f"http://{self.metrics_target}/metrics", timeout=10) as reply:
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if sample.name == name and not sample.labels:
+                        return float(sample.value)
+        raise KeyError(name)
 
     def close(self) -> None:
         self._stop.set()
@@ -188,9 +199,10 @@ def _rank_worker(target: str, rank: int, jobs: Any, barrier: Any, results: Any) 
 class Ranks:
     """``world_size`` rank processes kept alive across runs (torch import and data once)."""
 
-    def __init__(self, target: str, world_size: int, server_pid: int) -> None:
+    def __init__(self, server: ServerProcess, world_size: int) -> None:
         ctx = mp.get_context("spawn")
-        self.server_pid = server_pid
+        self.server = server
+        target = server.target
         self.world_size = world_size
         self.barrier = ctx.Barrier(world_size)
         self.results = ctx.Queue()
@@ -206,11 +218,13 @@ class Ranks:
 
     def run(self, step: int, dtype: str, samples: int) -> dict[str, Any]:
         batches = max(1, -(-samples // (BATCH * self.world_size)))
-        server_cpu0 = process_cpu_seconds(self.server_pid)
+        server_cpu0 = process_cpu_seconds(self.server.pid)
+        engine0 = self.server.metric(ENGINE_SECONDS)
         for q in self.jobs:
             q.put(Job(step, dtype, batches, self.world_size))
         parts = [self.results.get(timeout=600) for _ in range(self.world_size)]
-        server_cpu = process_cpu_seconds(self.server_pid) - server_cpu0
+        server_cpu = process_cpu_seconds(self.server.pid) - server_cpu0
+        engine = self.server.metric(ENGINE_SECONDS) - engine0
         elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
         n = sum(p["samples"] for p in parts)
         expected = batches * BATCH * self.world_size
@@ -228,6 +242,8 @@ class Ranks:
             # CPU per sample: where the machine's two cores went.
             "client_cpu_us_per_sample": 1e6 * sum(p["cpu_seconds"] for p in parts) / n,
             "server_cpu_us_per_sample": 1e6 * server_cpu / n,
+            # Wall time in the engine's reduce calls (both workers), from the server's own histogram.
+            "engine_us_per_sample": 1e6 * engine / n,
         }
 
     def close(self) -> None:
@@ -237,6 +253,29 @@ class Ranks:
             p.join(30)
             if p.is_alive():
                 p.terminate()
+
+
+def engine_cpu_us_per_sample(dtype: str, blocks: int = 8) -> float:
+    """CPU per sample of the engine alone, as the server runs it: one thread, 1,024-row blocks."""
+    import torch
+
+    from evalstream.service.engine import EngineConfig
+    from evalstream.service.engine.reducer import ChunkReducer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reducer = ChunkReducer(C, EngineConfig(device="cpu", block_rows=1024), "logits")
+        scores, labels = make_batches(dtype, count=1)[0]
+        block = 1024
+        reducer.reduce(scores[:block], labels[:block])
+        t0 = time.thread_time()
+        for i in range(blocks):
+            start = (i * block) % BATCH
+            reducer.reduce(scores[start : start + block], labels[start : start + block])
+        return 1e6 * (time.thread_time() - t0) / (blocks * block)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Ceiling:
@@ -249,6 +288,7 @@ class Ceiling:
     def __init__(self) -> None:
         import grpc
 
+        self.dtype = "float32"
         ctx = mp.get_context("spawn")
         ports = ctx.Queue()
         self.process = ctx.Process(target=transport._serve, args=(ports,), daemon=True)
@@ -268,6 +308,8 @@ class Ceiling:
         client = _cpu_seconds() - client0
         samples = nbytes / (4 * C)
         return {
+            "engine_cpu_us_per_sample": engine_cpu_us_per_sample(self.dtype),
+            "load_average": os.getloadavg()[0],
             "bytes_per_s": nbytes / elapsed,
             "client_cpu_us_per_sample": 1e6 * client / samples,
             "server_cpu_us_per_sample": 1e6 * server / samples,
@@ -288,7 +330,7 @@ def run(
     try:
         with ServerProcess() as server:
             for world in ranks:
-                pool = Ranks(server.target, world, server.pid)
+                pool = Ranks(server, world)
                 try:
                     for dtype in dtypes:
                         pool.run(step, dtype, BATCH * world)  # warm-up: connections, reducers, data
@@ -297,6 +339,7 @@ def run(
                         for _ in range(repeats):
                             runs.append(pool.run(step, dtype, samples))
                             step += 1
+                            limit.dtype = dtype
                             ceilings.append(limit.measure(ceiling_seconds))
                         rows.append(_row(world, dtype, runs, ceilings))
                 finally:
@@ -330,6 +373,9 @@ def _row(
         "add ms/batch": statistics.median(r["add_ms_per_batch"] for r in runs),
         "client cpu us/sample": statistics.median(r["client_cpu_us_per_sample"] for r in runs),
         "server cpu us/sample": statistics.median(r["server_cpu_us_per_sample"] for r in runs),
+        "engine wall us/sample": statistics.median(r["engine_us_per_sample"] for r in runs),
+        "engine alone cpu us/sample": statistics.median(c["engine_cpu_us_per_sample"] for c in ceilings),
+        "load average": statistics.median(c["load_average"] for c in ceilings),
         "ceiling client cpu us/sample": statistics.median(c["client_cpu_us_per_sample"] for c in ceilings),
         "ceiling server cpu us/sample": statistics.median(c["server_cpu_us_per_sample"] for c in ceilings),
         "runs": runs,
@@ -350,6 +396,7 @@ COLUMNS = [
     "add ms/batch",
     "client cpu us/sample",
     "server cpu us/sample",
+    "engine alone cpu us/sample",
     "ceiling client cpu us/sample",
     "ceiling server cpu us/sample",
 ]

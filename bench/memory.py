@@ -38,7 +38,7 @@ def _tree_bytes(path: Path, pattern: str) -> int:
 
 def run(samples: int, ranks: int, dtype: str) -> dict[str, Any]:
     with ServerProcess() as server:
-        pool = Ranks(server.target, ranks, server.pid)
+        pool = Ranks(server, ranks)
         try:
             pool.run(0, dtype, BATCH * ranks)  # warm-up evaluation: connections, reducers, staging
             idle_rss = _rss(server.pid)
