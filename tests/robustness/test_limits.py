@@ -152,7 +152,7 @@ def test_memory_stays_bounded_however_much_one_stream_sends(roomy: ServerProcess
     print(
         f"peak RSS: start {base / MIB:.0f} MiB, warm {warm / MIB:.0f} MiB, after 576 MB {after / MIB:.0f} MiB"
     )
-    assert after - warm < 48 * MIB, f"a 576 MB stream raised peak RSS by {(after - warm) / MIB:.0f} MiB"
+    assert after - warm < 64 * MIB, f"a 576 MB stream raised peak RSS by {(after - warm) / MIB:.0f} MiB"
     assert warm - base < 256 * MIB, f"streaming took {(warm - base) / MIB:.0f} MiB"
 
 
