@@ -619,6 +619,12 @@ class Coordinator:
                 f"close says {num_chunks} chunks were sent but rank {lease.rank} of {_name(lease.key)} has "
                 f"{lease.next_sequence} committed; resend from chunk {lease.next_sequence} before closing"
             )
+        # From here the close is one unit: if the stream is cancelled while the store commits it (the
+        # connection dropped), the last rank's close must still finalize, or the evaluation would
+        # stay open with every rank closed and the reconnecting client would wait for it forever.
+        return await asyncio.shield(self._track(asyncio.ensure_future(self._close(lease))))
+
+    async def _close(self, lease: Lease) -> Closed:
         evaluation = await self._in_io(self.store.close_shard, lease.evaluation_id, lease.rank)
         lease.closed = True
         self.release(lease)
