@@ -132,6 +132,7 @@ class Job:
     dtype: str
     batches: int
     world_size: int
+    chunk_bytes: int = MIB
 
 
 def make_batches(dtype: str, count: int = 3, seed: int = 0) -> list[tuple[Any, Any]]:
@@ -170,6 +171,7 @@ def _rank_worker(target: str, rank: int, jobs: Any, barrier: Any, results: Any) 
             step=job.step,
             rank=rank,
             world_size=job.world_size,
+            chunk_bytes=job.chunk_bytes,
         ) as stream:
             for i in range(job.batches):
                 scores, labels = batches[i % len(batches)]
@@ -216,12 +218,12 @@ class Ranks:
         for p in self.procs:
             p.start()
 
-    def run(self, step: int, dtype: str, samples: int) -> dict[str, Any]:
+    def run(self, step: int, dtype: str, samples: int, chunk_bytes: int = MIB) -> dict[str, Any]:
         batches = max(1, -(-samples // (BATCH * self.world_size)))
         server_cpu0 = process_cpu_seconds(self.server.pid)
         engine0 = self.server.metric(ENGINE_SECONDS)
         for q in self.jobs:
-            q.put(Job(step, dtype, batches, self.world_size))
+            q.put(Job(step, dtype, batches, self.world_size, chunk_bytes))
         parts = [self.results.get(timeout=600) for _ in range(self.world_size)]
         server_cpu = process_cpu_seconds(self.server.pid) - server_cpu0
         engine = self.server.metric(ENGINE_SECONDS) - engine0
@@ -322,7 +324,12 @@ class Ceiling:
 
 
 def run(
-    samples: int, repeats: int, ranks: list[int], dtypes: list[str], ceiling_seconds: float
+    samples: int,
+    repeats: int,
+    ranks: list[int],
+    dtypes: list[str],
+    ceiling_seconds: float,
+    chunk_bytes: int = MIB,
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     step = 0
@@ -337,7 +344,7 @@ def run(
                         step += 1
                         runs, ceilings = [], []
                         for _ in range(repeats):
-                            runs.append(pool.run(step, dtype, samples))
+                            runs.append(pool.run(step, dtype, samples, chunk_bytes))
                             step += 1
                             limit.dtype = dtype
                             ceilings.append(limit.measure(ceiling_seconds))
@@ -347,7 +354,13 @@ def run(
             rss = server.peak_rss()
     finally:
         limit.close()
-    return {"samples_per_run": samples, "repeats": repeats, "rows": rows, "server_peak_rss_bytes": rss}
+    return {
+        "samples_per_run": samples,
+        "repeats": repeats,
+        "chunk_bytes": chunk_bytes,
+        "rows": rows,
+        "server_peak_rss_bytes": rss,
+    }
 
 
 def _row(
@@ -409,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ranks", default="1,4")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--ceiling-seconds", type=float, default=1.5)
+    ap.add_argument("--chunk-mib", type=float, default=1.0, help="client chunk_bytes in MiB")
     args = ap.parse_args(argv)
     result = run(
         args.samples,
@@ -416,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [int(r) for r in args.ranks.split(",")],
         args.dtypes.split(","),
         args.ceiling_seconds,
+        int(args.chunk_mib * MIB),
     )
     print(table(result["rows"], COLUMNS))
     print(f"server peak RSS {result['server_peak_rss_bytes'] / 2**20:,.0f} MiB")

@@ -363,9 +363,19 @@ def unknown_fields(msg: Message, path: str = "") -> list[str]:
     here = path or msg.DESCRIPTOR.name
     fields = UnknownFieldSet(msg)
     out = [f"{here} field {fields[i].field_number}" for i in range(len(fields))]
-    for fd, value in msg.ListFields():
-        if fd.message_type is not None:
-            for item in value if fd.is_repeated else (value,):
+    # Only sub-messages are visited: ListFields() would also read every bytes field, and protobuf
+    # copies a bytes field on each read (a whole 1 MiB tensor payload per chunk).
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.message_type is None:
+            continue
+        if fd.is_repeated:
+            items = list(getattr(msg, fd.name))
+        elif msg.HasField(fd.name):
+            items = [getattr(msg, fd.name)]
+        else:
+            continue
+        for item in items:
+            if isinstance(item, Message):  # a map's keys are not messages
                 out += unknown_fields(item, f"{here}.{fd.name}")
     return out
 
