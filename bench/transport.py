@@ -73,10 +73,12 @@ def _stream(channel: grpc.Channel, form: str, size: int, seconds: float) -> tupl
 
     payload = bytes(size)
     if form == "raw":
-        call = channel.stream_unary(RAW_METHOD)
+        call = channel.stream_unary(RAW_METHOD, request_serializer=None, response_deserializer=None)
         msg: Any = payload
     else:
-        call = channel.stream_unary(PROTO_METHOD, request_serializer=lambda m: m.SerializeToString())
+        call = channel.stream_unary(
+            PROTO_METHOD, request_serializer=lambda m: m.SerializeToString(), response_deserializer=None
+        )
         rows = max(1, size // (4 * C))
         msg = service_pb2.StreamEvaluationRequest(
             chunk=service_pb2.Chunk(
