@@ -12,4 +12,5 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "bench.e2e",
     "client_cost": "bench.client_cost",
     "memory": "bench.memory",
+    "load": "bench.load",
 }
