@@ -27,16 +27,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from .convert import result_from_report
 from .engine import ChunkError, EngineConfig, Records
 from .engine.metrics import compute_metrics, running_summary
 from .engine.records import FIELDS
-from .engine.reducer import ChunkReducer
+from .engine.reducer import ChunkReducer, resolve_backend, resolve_device
 from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from .settings import Settings
-from .staging import Segment, StagingBlock, StagingPool, score_dtype
+from .staging import MAX_BLOCKS, STAGING_BYTES, Segment, StagingBlock, StagingBudget, StagingPool, score_dtype
 from .status import SeriesKey, ShardProgress
 from .store.base import (
+    ChunkCommit,
     EvaluationKey,
     EvaluationRow,
     Rejection,
@@ -44,6 +47,7 @@ from .store.base import (
     ShardOpenRequest,
     ShardRow,
     Store,
+    StoredChunk,
 )
 from .telemetry import Telemetry
 from .wire import DecodedChunk
@@ -58,6 +62,9 @@ DEFAULT_SPLIT = "validation"
 # Larger worlds are a mistake, not a job (and would never finalize): refused at open.
 MAX_WORLD_SIZE = 1 << 16
 REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
+# Classes of the throwaway kernel compiled at start: any count works, the point is the compiler's
+# process-wide start-up (dynamo, inductor, the C++ toolchain), ~4-6 s of the first compile.
+WARM_UP_CLASSES = 2
 # A staged block is reduced after this long without a new chunk, so a slow (or lock-step) stream
 # still hears its acknowledgements; a streaming client sends the next chunk well within it.
 FLUSH_DELAY_S = 0.005
@@ -188,10 +195,44 @@ class Coordinator:
         # Store calls block on the writer's commit; they get their own threads so compute never waits on them.
         self._io = ThreadPoolExecutor(16, thread_name_prefix="evalstream-store")
         self._reducers = ReducerPool(self.engine_config)
+        # Every stream's staging blocks together; a block is at most half the budget, so that a
+        # stream can always hold its two (one filling, one reducing) when it is alone.
+        self.staging_budget = StagingBudget(settings.max_staging_bytes)
+        self._block_bytes = min(STAGING_BYTES, settings.max_staging_bytes // MAX_BLOCKS)
         self._leases: dict[tuple[EvaluationKey, int], Lease | None] = {}
         self._per_peer: dict[str, int] = {}
         self._finalize_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- engine -------------------------------------------------------------------------------
+
+    @property
+    def engine_backend(self) -> str:
+        """The backend the engine runs: "compiled" or "eager" ("auto" resolved for this machine)."""
+        return resolve_backend(self.engine_config.backend, resolve_device(self.engine_config.device))
+
+    def warm_up(self) -> asyncio.Future[float] | None:
+        """With the compiled backend, compile a throwaway kernel on a worker thread now.
+
+        The kernel of a real evaluation depends on its class count and score dtype, known only at
+        its first chunk, so it cannot be compiled ahead. But most of a first compile is the
+        compiler's own process-wide start-up; paying that here, while no stream waits, leaves the
+        first chunk of each (class count, dtype) only its kernel's compile (measured in
+        docs/performance.md). Returns the future of the seconds it took; None with eager.
+        """
+        if self.engine_backend != "compiled":
+            return None
+        loop = asyncio.get_running_loop()
+        return self._track(loop.run_in_executor(self._workers, self._warm_up))
+
+    def _warm_up(self) -> float:
+        started = time.perf_counter()
+        scores = torch.zeros((2, WARM_UP_CLASSES))
+        labels = torch.zeros(2, dtype=torch.int64)
+        self._reducers.run(WARM_UP_CLASSES, "logits", lambda r: r.reduce(scores, labels, None))
+        seconds = time.perf_counter() - started
+        log.info("engine warm-up: the compiler is ready after %.1f s", seconds)
+        return seconds
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -284,6 +325,8 @@ class Coordinator:
         if self._leases.get(slot) is not lease:
             return
         self.flush(lease)  # chunks already received commit; a resent one is then a duplicate
+        if lease.staging is not None:
+            lease.staging.close()  # idle blocks back to the budget; the flushed one once reduced
         if lease.tail is not None and not lease.tail.done():
             lease.tail.add_done_callback(lambda _f: self._drop(slot, lease.peer))
         else:
@@ -338,7 +381,9 @@ class Coordinator:
                 lease, self._after(lease.tail, lambda: self._reject(lease, sequence, reason, message))
             )
         dtype = score_dtype(chunk)
-        staging = lease.staging or StagingPool(lease.num_classes, self.engine_config.block_rows)
+        staging = lease.staging or StagingPool(
+            lease.num_classes, self.engine_config.block_rows, self.staging_budget, self._block_bytes
+        )
         lease.staging = staging
         if chunk.rows == 0 or chunk.rows > staging.capacity(dtype):
             # Empty or larger than a block: reduced on its own, from views over the message bytes.
@@ -457,49 +502,29 @@ class Coordinator:
 
     def _store_block(
         self, lease: Lease, segments: list[Segment], parts: list[_Reduced | ChunkError]
-    ) -> list[tuple[ShardRow, Rejection | None] | SequenceConflict]:
-        """In a store thread: each chunk's commit (or rejection) in sequence order, one store call each.
+    ) -> list[StoredChunk | SequenceConflict]:
+        """In a store thread: the block's commits and rejections in sequence order, in one transaction.
 
-        Each call is its own transaction, so every acknowledged chunk is durable
-        on its own; the writer's group commit folds calls that queue up together.
+        Every chunk still commits its records together with the shard's next
+        sequence, and none is acknowledged before the transaction commits, so
+        exactly-once is per chunk as before; a block costs one store call.
         Stops at a sequence conflict (the loop sorts the rest out chunk by chunk).
         """
-        out: list[tuple[ShardRow, Rejection | None] | SequenceConflict] = []
-        for segment, part in zip(segments, parts, strict=True):
-            try:
-                if isinstance(part, ChunkError):
-                    rejection = _rejection(segment.sequence, part.reason, part.message)
-                else:
-                    try:
-                        shard = self.store.commit_chunk(
-                            lease.evaluation_id,
-                            lease.rank,
-                            segment.sequence,
-                            part.samples,
-                            part.records,
-                            part.nll_sum,
-                            part.correct,
-                            self.settings.max_samples_per_evaluation,
-                        )
-                        out.append((shard, None))
-                        continue
-                    except ResourceExhausted as exc:
-                        rejection = _rejection(segment.sequence, "evaluation_too_large", exc.message)
-                out.append((self.store.reject_chunk(lease.evaluation_id, lease.rank, rejection), rejection))
-            except SequenceConflict as exc:
-                out.append(exc)
-                break
-        return out
+        chunks = [
+            ChunkCommit(s.sequence, rejection=_rejection(s.sequence, p.reason, p.message))
+            if isinstance(p, ChunkError)
+            else ChunkCommit(s.sequence, p.samples, p.records, p.nll_sum, p.correct)
+            for s, p in zip(segments, parts, strict=True)
+        ]
+        return self.store.commit_chunks(
+            lease.evaluation_id, lease.rank, chunks, self.settings.max_samples_per_evaluation
+        )
 
     def _outcome(
-        self,
-        lease: Lease,
-        segment: Segment,
-        part: _Reduced | ChunkError,
-        stored: tuple[ShardRow, Rejection | None],
+        self, lease: Lease, segment: Segment, part: _Reduced | ChunkError, stored: StoredChunk
     ) -> ChunkOutcome:
         """The acknowledgement of one stored chunk; counts it in telemetry."""
-        shard, rejection = stored
+        shard, rejection = stored.shard, stored.rejection
         self._update(lease, shard)
         if rejection is not None:
             self.telemetry.rejected_chunks.labels(reason=rejection.reason).inc()

@@ -82,6 +82,7 @@ class Server:
         if s.torch_threads > 0:
             torch.set_num_threads(s.torch_threads)
         await self.coordinator.recover()
+        self.coordinator.warm_up()
         on_denied = lambda method, code: self.telemetry.rpc_errors.labels(  # noqa: E731
             method=method, code=code.name
         ).inc()
@@ -113,11 +114,17 @@ class Server:
             )
             self.metrics = self._serve_metrics()
         log.info(
-            "evalstream serving grpc=%s metrics=%s data_dir=%s",
+            "evalstream serving grpc=%s metrics=%s data_dir=%s engine=%s",
             self.target,
             self.metrics_target or "off",
             os.path.abspath(s.data_dir),
+            self.coordinator.engine_backend,
         )
+        if self.coordinator.engine_backend == "compiled":
+            log.info(
+                "compiled engine: the first chunk of each class count and score dtype compiles its "
+                "kernel (~1-3 s with inductor's disk cache warm, ~10 s cold); engine_backend=eager avoids it"
+            )
 
     def _serve_metrics(self) -> MetricsEndpoint:
         tls = auth.metrics_tls_options(self.settings)

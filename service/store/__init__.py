@@ -3,6 +3,7 @@
 from .base import (
     FINALIZED,
     OPEN,
+    ChunkCommit,
     EvaluationKey,
     EvaluationRow,
     Rejection,
@@ -10,12 +11,14 @@ from .base import (
     ShardOpenRequest,
     ShardRow,
     Store,
+    StoredChunk,
 )
 from .sqlite import SqliteStore
 
 __all__ = [
     "FINALIZED",
     "OPEN",
+    "ChunkCommit",
     "EvaluationKey",
     "EvaluationRow",
     "Rejection",
@@ -24,4 +27,5 @@ __all__ = [
     "ShardRow",
     "SqliteStore",
     "Store",
+    "StoredChunk",
 ]

@@ -10,9 +10,10 @@ Methods are blocking; async callers run them in an executor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..errors import ResourceExhausted
 from ..status import FinalizedView
 
 OPEN = "open"
@@ -87,6 +88,30 @@ class Rejection:
     message: str
 
 
+@dataclass(frozen=True)
+class ChunkCommit:
+    """One chunk of a staging block as the store takes it: its records, or why it was refused."""
+
+    sequence: int
+    samples: int = 0
+    records: bytes | None = None
+    nll_sum: float = 0.0
+    correct: int = 0
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """What committing one chunk left: the shard after it, and the rejection if it was refused."""
+
+    shard: ShardRow
+    rejection: Rejection | None = None
+
+
+# A chunk refused by ``commit_chunks`` because the evaluation would exceed max_samples.
+TOO_LARGE = ("RESOURCE_EXHAUSTED", "evaluation_too_large")
+
+
 class SequenceConflict(Exception):
     """The chunk's sequence is not the shard's next one (a duplicate or a gap)."""
 
@@ -125,6 +150,43 @@ class Store(ABC):
         ``FailedPrecondition`` if the shard is closed or the evaluation finalized,
         ``ResourceExhausted`` if the evaluation would exceed ``max_samples``.
         """
+
+    def commit_chunks(
+        self, evaluation_id: str, rank: int, chunks: Sequence[ChunkCommit], max_samples: int
+    ) -> list[StoredChunk | SequenceConflict]:
+        """Commit a staging block's chunks in sequence order, as if by ``commit_chunk`` and
+        ``reject_chunk`` one after another (records + next sequence of each), in one transaction.
+
+        A chunk that would take the evaluation over ``max_samples`` is stored as a rejection
+        (``TOO_LARGE``) instead. A ``SequenceConflict`` stops the block: it is the last item, and the
+        chunks before it are committed. ``FailedPrecondition`` (closed shard, finalized evaluation)
+        commits nothing. This default makes one call per chunk; a store should do one transaction.
+        """
+        out: list[StoredChunk | SequenceConflict] = []
+        for chunk in chunks:
+            try:
+                rejection = chunk.rejection
+                if rejection is None:
+                    try:
+                        shard = self.commit_chunk(
+                            evaluation_id,
+                            rank,
+                            chunk.sequence,
+                            chunk.samples,
+                            chunk.records,
+                            chunk.nll_sum,
+                            chunk.correct,
+                            max_samples,
+                        )
+                        out.append(StoredChunk(shard))
+                        continue
+                    except ResourceExhausted as exc:
+                        rejection = Rejection(chunk.sequence, *TOO_LARGE, exc.message)
+                out.append(StoredChunk(self.reject_chunk(evaluation_id, rank, rejection), rejection))
+            except SequenceConflict as exc:
+                out.append(exc)
+                break
+        return out
 
     @abstractmethod
     def reject_chunk(self, evaluation_id: str, rank: int, rejection: Rejection) -> ShardRow:

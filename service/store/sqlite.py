@@ -16,6 +16,7 @@ written atomically (temp file, fsync, rename) before the row points at them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,8 @@ from ..status import FinalizedView, SeriesKey
 from .base import (
     FINALIZED,
     OPEN,
+    TOO_LARGE,
+    ChunkCommit,
     EvaluationKey,
     EvaluationRow,
     Rejection,
@@ -42,6 +45,7 @@ from .base import (
     ShardOpenRequest,
     ShardRow,
     Store,
+    StoredChunk,
 )
 
 log = logging.getLogger(__name__)
@@ -322,11 +326,7 @@ class SqliteStore(Store):
             if sequence != shard.next_sequence:
                 raise SequenceConflict(shard.next_sequence, sequence)
             if ev.num_samples + samples > max_samples:
-                raise ResourceExhausted(
-                    f"evaluation {ev.key.run}/{ev.key.model}/{ev.key.split}@{ev.key.step} would hold "
-                    f"{ev.num_samples + samples} samples, over the server's max_samples_per_evaluation="
-                    f"{max_samples}"
-                )
+                raise ResourceExhausted(_too_large(ev, ev.num_samples + samples, max_samples))
             conn.execute(
                 "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) VALUES (?, ?, ?, ?, ?)",
                 (evaluation_id, rank, sequence, samples, records),
@@ -341,6 +341,86 @@ class SqliteStore(Store):
                 "UPDATE evaluations SET num_samples = num_samples + ? WHERE id = ?", (samples, evaluation_id)
             )
             return self._shard_in(conn, evaluation_id, rank)
+
+        return self._writer.submit(op)
+
+    def commit_chunks(
+        self, evaluation_id: str, rank: int, chunks: Sequence[ChunkCommit], max_samples: int
+    ) -> list[StoredChunk | SequenceConflict]:
+        """A staging block's chunks in one transaction: the shard and evaluation rows are read once,
+        every chunk's sequence is checked in order, the chunk and rejection rows are inserted with
+        ``executemany`` and the two counters are written once, so a block costs the writer one
+        statement batch instead of ~5 statements and a savepoint per ~87-row chunk."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredChunk | SequenceConflict]:
+            ev = self._eval_in(conn, evaluation_id)
+            shard = self._shard_in(conn, evaluation_id, rank)
+            _check_writable(ev, shard)
+            now = time.time()
+            total = ev.num_samples
+            out: list[StoredChunk | SequenceConflict] = []
+            rows: list[tuple[str, int, int, int, bytes | None]] = []
+            refused: list[tuple[str, int, int, str, str, str]] = []
+            for chunk in chunks:
+                if chunk.sequence != shard.next_sequence:
+                    out.append(SequenceConflict(shard.next_sequence, chunk.sequence))
+                    break
+                rejection = chunk.rejection
+                if rejection is None and total + chunk.samples > max_samples:
+                    message = _too_large(ev, total + chunk.samples, max_samples)
+                    rejection = Rejection(chunk.sequence, *TOO_LARGE, message)
+                if rejection is None:
+                    rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
+                    total += chunk.samples
+                    shard = dataclasses.replace(
+                        shard,
+                        next_sequence=chunk.sequence + 1,
+                        samples=shard.samples + chunk.samples,
+                        chunks=shard.chunks + 1,
+                        nll_sum=shard.nll_sum + chunk.nll_sum,
+                        correct=shard.correct + chunk.correct,
+                        updated_at=now,
+                    )
+                else:
+                    r = rejection
+                    refused.append((evaluation_id, rank, r.sequence, r.code, r.reason, r.message))
+                    shard = dataclasses.replace(
+                        shard,
+                        next_sequence=chunk.sequence + 1,
+                        rejected_chunks=shard.rejected_chunks + 1,
+                        updated_at=now,
+                    )
+                out.append(StoredChunk(shard, rejection))
+            if rows:
+                conn.executemany(
+                    "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+                conn.execute("UPDATE evaluations SET num_samples = ? WHERE id = ?", (total, evaluation_id))
+            if refused:
+                conn.executemany(
+                    "INSERT INTO rejections (evaluation_id, rank, sequence, code, reason, message) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    refused,
+                )
+            if rows or refused:
+                conn.execute(
+                    "UPDATE shards SET next_sequence = ?, samples = ?, chunks = ?, rejected = ?, "
+                    "nll_sum = ?, correct = ?, updated_at = ? WHERE evaluation_id = ? AND rank = ?",
+                    (
+                        shard.next_sequence,
+                        shard.samples,
+                        shard.chunks,
+                        shard.rejected_chunks,
+                        shard.nll_sum,
+                        shard.correct,
+                        shard.updated_at,
+                        evaluation_id,
+                        rank,
+                    ),
+                )
+            return out
 
         return self._writer.submit(op)
 
@@ -620,6 +700,13 @@ def _check_agrees(ev: EvaluationRow, request: ShardOpenRequest) -> None:
             f"evaluation {name} was opened with score kind {ev.score_kind}, "
             f"this shard says {request.score_kind}"
         )
+
+
+def _too_large(ev: EvaluationRow, total: int, max_samples: int) -> str:
+    return (
+        f"evaluation {ev.key.run}/{ev.key.model}/{ev.key.split}@{ev.key.step} would hold {total} samples, "
+        f"over the server's max_samples_per_evaluation={max_samples}"
+    )
 
 
 def _check_writable(ev: EvaluationRow, shard: ShardRow) -> None:

@@ -6,14 +6,15 @@
 in this process) of a ``Store`` method, ``before`` it runs or ``after`` it has
 returned. Nothing else changes: the server is ``evalstream.service.server.main``.
 
-- ``commit:before:N``   a chunk was received and reduced, not committed ("during a chunk");
-- ``commit:after:N``    the chunk is committed, its acknowledgement not yet sent;
+- ``commit:before:N``   chunks were received and reduced, not committed ("during a chunk");
+- ``commit:after:N``    the chunks are committed, their acknowledgements not yet sent;
 - ``close:after:N``     a shard's close is committed, the reply (and any finalize) not;
 - ``finalize:before:N`` every rank closed and the metrics are computed, the result not stored;
 - ``finalize:after:N``  the result is stored, the closing rank has not heard so.
 
 The points sit on the public ``Store`` interface, so they name protocol steps,
-not private functions of the server.
+not private functions of the server. ``commit`` counts ``commit_chunk`` (a chunk on its own)
+and ``commit_chunks`` (a staging block's chunks in one transaction) together.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from collections.abc import Callable
 from typing import Any
 
 METHODS = {
-    "open": "open_shard",
-    "commit": "commit_chunk",
-    "reject": "reject_chunk",
-    "close": "close_shard",
-    "finalize": "finalize",
+    "open": ("open_shard",),
+    "commit": ("commit_chunk", "commit_chunks"),
+    "reject": ("reject_chunk",),
+    "close": ("close_shard",),
+    "finalize": ("finalize",),
 }
 
 
-def parse(spec: str) -> tuple[str, str, int]:
+def parse(spec: str) -> tuple[tuple[str, ...], str, int]:
     method, when, n = spec.split(":")
     if method not in METHODS or when not in ("before", "after") or int(n) < 1:
         raise ValueError(f"bad crash point {spec!r}: METHOD:before|after:N with METHOD in {sorted(METHODS)}")
@@ -44,11 +45,10 @@ def parse(spec: str) -> tuple[str, str, int]:
 
 
 def install(spec: str) -> None:
-    """Wrap the store method so its N-th call kills this process at the chosen side."""
+    """Wrap the store method(s) so their N-th call (counted together) kills the process at that side."""
     from evalstream.service.store.sqlite import SqliteStore
 
-    name, when, n = parse(spec)
-    original: Callable[..., Any] = getattr(SqliteStore, name)
+    names, when, n = parse(spec)
     calls = 0
     lock = threading.Lock()
 
@@ -57,20 +57,24 @@ def install(spec: str) -> None:
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    @functools.wraps(original)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        with lock:
-            calls += 1
-            fire = calls == n
-        if fire and when == "before":
-            die()
-        out = original(self, *args, **kwargs)
-        if fire and when == "after":
-            die()
-        return out
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            with lock:
+                calls += 1
+                fire = calls == n
+            if fire and when == "before":
+                die()
+            out = original(self, *args, **kwargs)
+            if fire and when == "after":
+                die()
+            return out
 
-    setattr(SqliteStore, name, wrapper)
+        return wrapper
+
+    for name in names:
+        setattr(SqliteStore, name, wrap(getattr(SqliteStore, name)))
 
 
 def main() -> int:

@@ -39,6 +39,9 @@ def write_config(path: Path, data_dir: Path, port: int, **settings: Any) -> Path
         "device": "cpu",
         "shutdown_grace_s": 2.0,
         "worker_threads": 2,
+        # The suite's backend (tests/conftest.py), in the file: the server and the tests' reference
+        # computations (Settings.load(config, env={}).engine_config()) then run the same one.
+        "engine_backend": os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
     }
     values.update(settings)
     lines = []

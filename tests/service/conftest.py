@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ def small_settings(data_dir: Path, **overrides: Any) -> Settings:
         "device": "cpu",
         "worker_threads": 2,
         "shutdown_grace_s": 1.0,
+        # tests/conftest.py: eager unless the environment (or a test) says otherwise.
+        "engine_backend": os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
     }
     values.update(overrides)
     return Settings.load(env={}, **values)

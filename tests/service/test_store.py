@@ -9,6 +9,7 @@ import pytest
 
 from evalstream.service.errors import FailedPrecondition, ResourceExhausted
 from evalstream.service.store import (
+    ChunkCommit,
     EvaluationKey,
     EvaluationRow,
     Rejection,
@@ -16,6 +17,8 @@ from evalstream.service.store import (
     ShardOpenRequest,
     ShardRow,
     SqliteStore,
+    Store,
+    StoredChunk,
 )
 from evalstream.v1 import evaluation_pb2
 
@@ -117,3 +120,75 @@ def test_concurrent_writers_share_transactions_without_losing_a_commit(tmp_path:
     assert [s.next_sequence for s in store.shards(shards[0])] == [25] * 8
     assert store.get(shards[0]).num_samples == 200  # type: ignore[union-attr]
     store.close()
+
+
+def _block(first: int) -> list[ChunkCommit]:
+    """A staging block's worth of chunks: commits, one in-band rejection, one over max_samples (100)."""
+    bad = Rejection(first + 2, "INVALID_ARGUMENT", "non_finite", "a NaN")
+    return [
+        ChunkCommit(first, 30, b"a", 0.1, 3),
+        ChunkCommit(first + 1, 40, b"b", 0.2, 4),
+        ChunkCommit(first + 2, rejection=bad),
+        ChunkCommit(first + 3, 50, b"c", 0.3, 5),  # 70 + 50 > 100: refused as evaluation_too_large
+        ChunkCommit(first + 4, 20, None, 0.4, 6),
+    ]
+
+
+def test_commit_chunks_equals_one_call_per_chunk_in_one_transaction(tmp_path: Path) -> None:
+    """SqliteStore.commit_chunks (one transaction) leaves exactly what the Store default (one
+    commit_chunk / reject_chunk call per chunk) leaves, chunk by chunk and in the database."""
+    fast, slow = SqliteStore(tmp_path / "fast"), SqliteStore(tmp_path / "slow")
+    ev_fast, _ = _open(fast, 0)
+    ev_slow, _ = _open(slow, 0)
+    got = fast.commit_chunks(ev_fast.evaluation_id, 0, _block(0), 100)
+    want = Store.commit_chunks(slow, ev_slow.evaluation_id, 0, _block(0), 100)
+    assert all(isinstance(s, StoredChunk) for s in got) and len(got) == 5
+
+    def strip(items: list[StoredChunk | SequenceConflict]) -> list[tuple[object, ...]]:
+        return [
+            (
+                s.shard.next_sequence,
+                s.shard.samples,
+                s.shard.chunks,
+                s.shard.rejected_chunks,
+                round(s.shard.nll_sum, 12),
+                s.shard.correct,
+                s.rejection and s.rejection.reason,
+            )
+            for s in items
+            if isinstance(s, StoredChunk)
+        ]
+
+    assert strip(got) == strip(want)
+    assert [x[-1] for x in strip(got)] == [None, None, "non_finite", "evaluation_too_large", None]
+    too_large = fast.rejection(ev_fast.evaluation_id, 0, 3)
+    assert too_large is not None and too_large.code == "RESOURCE_EXHAUSTED"
+    assert "max_samples_per_evaluation=100" in too_large.message
+    assert too_large == slow.rejection(ev_slow.evaluation_id, 0, 3)
+    assert (
+        fast.chunk_records(ev_fast.evaluation_id) == [b"a", b"b"] == slow.chunk_records(ev_slow.evaluation_id)
+    )
+    for store, ev in ((fast, ev_fast), (slow, ev_slow)):
+        row = store.get(ev.evaluation_id)
+        assert row is not None and row.num_samples == 90
+    # A conflict stops the block: chunks before it are committed, nothing after it.
+    mixed = [
+        ChunkCommit(5, 1, b"d", 0.0, 0),
+        ChunkCommit(7, 1, b"e", 0.0, 0),
+        ChunkCommit(8, 1, b"f", 0.0, 0),
+    ]
+    out = fast.commit_chunks(ev_fast.evaluation_id, 0, mixed, 100)
+    assert len(out) == 2 and isinstance(out[0], StoredChunk) and isinstance(out[1], SequenceConflict)
+    assert (out[1].expected, out[1].got) == (6, 7)
+    assert fast.chunk_records(ev_fast.evaluation_id) == [b"a", b"b", b"d"]
+    # A closed shard commits nothing of the block.
+    fast.close_shard(ev_fast.evaluation_id, 0)
+    with pytest.raises(FailedPrecondition):
+        fast.commit_chunks(ev_fast.evaluation_id, 0, [ChunkCommit(6, 1, b"g", 0.0, 0)], 100)
+    fast.close()
+    slow.close()
+
+    reopened = SqliteStore(tmp_path / "fast")  # durable: the block's rows are there after a restart
+    (shard,) = reopened.shards(ev_fast.evaluation_id)
+    assert (shard.next_sequence, shard.samples, shard.chunks, shard.rejected_chunks) == (6, 91, 4, 2)
+    reopened.close()
