@@ -200,3 +200,24 @@ def test_compiled_kernel_serves_threads_at_once(compiled: ChunkReducer, data: Da
     for g, w in zip(got, want, strict=True):
         for name in FIELDS:
             np.testing.assert_array_equal(getattr(g, name), getattr(w, name), err_msg=name)
+
+
+def test_row_pass_follows_the_tie_rule() -> None:
+    z = np.array(
+        [[1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 3.0, 1.0], [5.0, 5.0, 0.0, 2.0], [2.0, 2.0, 2.0, 2.5]], np.float32
+    )
+    got = _records_from_row_pass(4, EngineConfig(), z, np.array([3, 2, 3, 0]))
+    np.testing.assert_array_equal(got["rank"], [0, 0, 2, 1])
+    np.testing.assert_array_equal(got["pred"], [3, 2, 0, 3])
+
+
+def test_compiled_bfloat16_ties_equal_eager(compiled: ChunkReducer) -> None:
+    gen = torch.Generator().manual_seed(3)
+    z = ((torch.randn(400, C, generator=gen) * 4).round() / 4).to(torch.bfloat16)  # many ties
+    y = torch.randint(0, C, (400,), generator=gen)
+    got = compiled.reduce(z, y)
+    want = ChunkReducer(C, TEST_CONFIG).reduce(z, y)
+    zf = z.float().numpy()
+    assert (np.sum(zf == zf[np.arange(400), y.numpy()][:, None], axis=1) > 1).sum() > 50
+    np.testing.assert_array_equal(got.rank, want.rank)
+    np.testing.assert_array_equal(got.pred, want.pred)
