@@ -9,7 +9,12 @@ In the same run, the transport ceiling (``bench.transport``: a plain gRPC
 client-streaming sink of 1 MiB messages) is measured between repeats, and the
 ratio of end-to-end logits bytes/s to it is reported.
 
-Run: ``python -m bench.e2e [--samples 98304] [--repeats 3] [--ranks 1,4] [--dtypes float32,bfloat16]``.
+The server runs the engine backend of ``--backend`` (default ``auto``, the server's default:
+compiled where a C++ compiler is found); the first (warm-up) run of each dtype includes the
+kernel's compile, and its wall time is reported as "warm-up s".
+
+Run: ``python -m bench.e2e [--samples 98304] [--repeats 3] [--ranks 1,4] [--dtypes float32,bfloat16]
+[--backend auto|eager|compiled]``.
 """
 
 from __future__ import annotations
@@ -257,7 +262,7 @@ class Ranks:
                 p.terminate()
 
 
-def engine_cpu_us_per_sample(dtype: str, blocks: int = 8) -> float:
+def engine_cpu_us_per_sample(dtype: str, blocks: int = 8, backend: str = "eager") -> float:
     """CPU per sample of the engine alone, as the server runs it: one thread, 1,024-row blocks."""
     import torch
 
@@ -267,7 +272,7 @@ def engine_cpu_us_per_sample(dtype: str, blocks: int = 8) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reducer = ChunkReducer(C, EngineConfig(device="cpu", block_rows=1024), "logits")
+        reducer = ChunkReducer(C, EngineConfig(device="cpu", block_rows=1024, backend=backend), "logits")
         scores, labels = make_batches(dtype, count=1)[0]
         block = 1024
         reducer.reduce(scores[:block], labels[:block])
@@ -287,10 +292,11 @@ class Ceiling:
     (12,000 bytes at C=3,000): the floor under any service on this machine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "eager") -> None:
         import grpc
 
         self.dtype = "float32"
+        self.backend = backend
         ctx = mp.get_context("spawn")
         ports = ctx.Queue()
         self.process = ctx.Process(target=transport._serve, args=(ports,), daemon=True)
@@ -310,7 +316,7 @@ class Ceiling:
         client = _cpu_seconds() - client0
         samples = nbytes / (4 * C)
         return {
-            "engine_cpu_us_per_sample": engine_cpu_us_per_sample(self.dtype),
+            "engine_cpu_us_per_sample": engine_cpu_us_per_sample(self.dtype, backend=self.backend),
             "load_average": os.getloadavg()[0],
             "bytes_per_s": nbytes / elapsed,
             "client_cpu_us_per_sample": 1e6 * client / samples,
@@ -330,17 +336,19 @@ def run(
     dtypes: list[str],
     ceiling_seconds: float,
     chunk_bytes: int = MIB,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     step = 0
-    limit = Ceiling()
+    limit = Ceiling(backend)
     try:
-        with ServerProcess() as server:
+        with ServerProcess(engine_backend=backend) as server:
             for world in ranks:
                 pool = Ranks(server, world)
                 try:
                     for dtype in dtypes:
-                        pool.run(step, dtype, BATCH * world)  # warm-up: connections, reducers, data
+                        # Warm-up: connections, reducers, data, and the compiled kernel of this dtype.
+                        warm = pool.run(step, dtype, BATCH * world)
                         step += 1
                         runs, ceilings = [], []
                         for _ in range(repeats):
@@ -348,7 +356,7 @@ def run(
                             step += 1
                             limit.dtype = dtype
                             ceilings.append(limit.measure(ceiling_seconds))
-                        rows.append(_row(world, dtype, runs, ceilings))
+                        rows.append({**_row(world, dtype, runs, ceilings), "warm-up s": warm["seconds"]})
                 finally:
                     pool.close()
             rss = server.peak_rss()
@@ -358,6 +366,7 @@ def run(
         "samples_per_run": samples,
         "repeats": repeats,
         "chunk_bytes": chunk_bytes,
+        "engine_backend": backend,
         "rows": rows,
         "server_peak_rss_bytes": rss,
     }
@@ -412,6 +421,7 @@ COLUMNS = [
     "engine alone cpu us/sample",
     "ceiling client cpu us/sample",
     "ceiling server cpu us/sample",
+    "warm-up s",
 ]
 
 
@@ -423,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--ceiling-seconds", type=float, default=1.5)
     ap.add_argument("--chunk-mib", type=float, default=1.0, help="client chunk_bytes in MiB")
+    ap.add_argument("--backend", default="auto", choices=("auto", "eager", "compiled"), help="engine backend")
     args = ap.parse_args(argv)
     result = run(
         args.samples,
@@ -431,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.dtypes.split(","),
         args.ceiling_seconds,
         int(args.chunk_mib * MIB),
+        args.backend,
     )
     print(table(result["rows"], COLUMNS))
     print(f"server peak RSS {result['server_peak_rss_bytes'] / 2**20:,.0f} MiB")

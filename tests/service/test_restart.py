@@ -75,6 +75,8 @@ def config(tmp_path: Path) -> Path:
     path.write_text(
         f'data_dir = "{tmp_path / "data"}"\ngrpc_address = "127.0.0.1:0"\nmetrics_address = ""\n'
         'device = "cpu"\nshutdown_grace_s = 2.0\n'
+        # The suite's backend (tests/conftest.py), so the server and the reference below agree.
+        f'engine_backend = "{os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager")}"\n'
     )
     return path
 

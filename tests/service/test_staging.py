@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,14 @@ import torch
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
-from evalstream.service.staging import MAX_BLOCKS, StagingBlock, StagingPool, capacity_rows
+from evalstream.service.staging import (
+    MAX_BLOCKS,
+    StagingBlock,
+    StagingBudget,
+    StagingPool,
+    block_bytes,
+    capacity_rows,
+)
 from evalstream.service.wire import decode_chunk
 from evalstream.v1 import service_pb2, service_pb2_grpc
 
@@ -151,3 +159,93 @@ def test_staged_blocks_on_cuda_match_the_cpu_engine(tmp_path: Path, dtype: type)
     assert got.num_samples == expected.num_samples
     for name, value in expected.metrics.items():
         assert got.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_streams_share_one_budget_and_take_back_idle_blocks() -> None:
+    """Two streams, room for two blocks: the second waits, then reclaims the first one's idle block."""
+
+    async def main() -> None:
+        one = block_bytes(64, NUM_CLASSES, torch.float32)
+        budget = StagingBudget(2 * one)
+        a = StagingPool(NUM_CLASSES, 64, budget)
+        b = StagingPool(NUM_CLASSES, 64, budget)
+        held = [await a.acquire(torch.float32) for _ in range(MAX_BLOCKS)]
+        assert budget.used == 2 * one
+        waiting = asyncio.ensure_future(b.acquire(torch.float32))
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and budget.waiting == 1  # stream b stops reading
+        a.release(held[0])  # idle in a's pool: reclaimable
+        got = await asyncio.wait_for(waiting, 1.0)
+        assert got is not held[0] and budget.used == 2 * one and budget.peak == 2 * one
+        again = asyncio.ensure_future(a.acquire(torch.float32))  # a's idle block went to b
+        await asyncio.sleep(0.01)
+        assert not again.done()
+        b.close()
+        b.release(got)  # b's stream ended: its block goes back to the budget, and a gets room
+        assert (await asyncio.wait_for(again, 1.0)).capacity == 64
+        a.release(held[1])
+        a.close()
+        assert budget.used == one  # only the block a still has in use
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_gives_its_place_up_and_a_huge_block_streams_alone() -> None:
+    async def main() -> None:
+        one = block_bytes(64, NUM_CLASSES, torch.float32)
+        budget = StagingBudget(one // 2)  # smaller than one block
+        a = StagingPool(NUM_CLASSES, 64, budget)
+        b = StagingPool(NUM_CLASSES, 64, budget)
+        first = await a.acquire(torch.float32)  # granted: nothing else is held
+        cancelled = asyncio.ensure_future(b.acquire(torch.float32))
+        behind = asyncio.ensure_future(b.acquire(torch.float32))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.sleep(0.01)
+        assert not behind.done() and budget.waiting == 1
+        a.close()
+        a.release(first)
+        assert (await asyncio.wait_for(behind, 1.0)).capacity == 64
+        assert budget.used == one
+
+    asyncio.run(main())
+
+
+def test_many_streams_through_a_small_staging_budget_give_the_exact_result(tmp_path: Path) -> None:
+    """Eight pipelined ranks, room for three blocks in all: streams wait for blocks, none deadlocks,
+    every chunk commits once, and every block is back in the budget when the streams end."""
+    block_rows = 64
+    budget = 3 * block_bytes(block_rows, NUM_CLASSES, torch.float32)
+    settings = small_settings(tmp_path / "data", block_rows=block_rows, max_staging_bytes=budget)
+    ranks = 8
+    parts = [
+        [make_data(23, NUM_CLASSES, seed=10 * r + i, id_offset=1000 * r + 23 * i) for i in range(9)]
+        for r in range(ranks)
+    ]
+    with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.target) as channel:
+        assert srv.server is not None
+        staging = srv.server.coordinator.staging_budget
+        streams = [
+            [
+                open_request(rank=r, world_size=ranks),
+                *(chunk_request(i, p) for i, p in enumerate(parts[r])),
+                close_request(len(parts[r])),
+            ]
+            for r in range(ranks)
+        ]
+        with ThreadPoolExecutor(ranks) as pool:
+            answers = list(pool.map(lambda requests: _pipelined(channel, requests), streams))
+        for rank_answers in answers:
+            acks = [a.ack for a in rank_answers[1:-1]]
+            assert [a.next_sequence for a in acks] == list(range(1, 10))
+            assert not any(a.HasField("rejection") for a in acks)
+        assert sum(a[-1].closed.finalized for a in answers) == 1
+        stub = service_pb2_grpc.EvalStreamServiceStub(channel)
+        ref = service_pb2.GetEvaluationRequest(
+            ref={"run": "run-1", "model": "model-a", "step": 0}, include_per_class=True
+        )
+        result = stub.GetEvaluation(ref, timeout=30).evaluation.result
+        assert staging.peak <= budget and staging.used == 0
+        assert staging.waits > 0  # the budget, not the streams' own two-block limit, held them back
+    everything = concat([p for rank in parts for p in rank])
+    assert result == expected_result(everything, NUM_CLASSES, settings.engine_config())
