@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ def small_settings(data_dir: Path, **overrides: Any) -> Settings:
         "device": "cpu",
         "worker_threads": 2,
         "shutdown_grace_s": 1.0,
+        # Settings.load(env={}) ignores the environment, so the suite's engine choice is passed on here
+        # (tests/conftest.py: eager, since the compiled kernel costs seconds to build in each process).
+        "engine_backend": os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
     }
     values.update(overrides)
     return Settings.load(env={}, **values)

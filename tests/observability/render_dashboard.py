@@ -10,6 +10,7 @@ Prometheus scrape every second, then draws the panels from the dashboard's own q
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -64,6 +65,7 @@ def main(out: Path) -> None:
             metrics_address="127.0.0.1:0",
             data_dir=f"{tmp}/data",
             device="cpu",
+            engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
         )
         with BackgroundServer(settings) as srv, Prometheus(Path(tmp), srv.metrics_target) as prom:
             wait_for("first scrape", lambda: prom.query('up{job="evalstream"} == 1'))

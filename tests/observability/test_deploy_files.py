@@ -170,7 +170,12 @@ def test_healthcheck_script_against_a_real_server(tmp_path: Path) -> None:
     server_mod = pytest.importorskip("evalstream.service.server")
     settings_mod = pytest.importorskip("evalstream.service.settings")
     settings = settings_mod.Settings.load(
-        env={}, grpc_address="127.0.0.1:0", metrics_address="", data_dir=str(tmp_path / "d"), device="cpu"
+        env={},
+        grpc_address="127.0.0.1:0",
+        metrics_address="",
+        data_dir=str(tmp_path / "d"),
+        device="cpu",
+        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
     )
     script = str(DEPLOY / "docker" / "healthcheck.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVALSTREAM_")}

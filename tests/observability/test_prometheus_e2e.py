@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ def start_server(data_dir: Path, **overrides: Any) -> Any:
         metrics_address="127.0.0.1:0",
         data_dir=str(data_dir),
         device="cpu",
+        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
         **overrides,
     )
     return server_mod.BackgroundServer(settings).start()

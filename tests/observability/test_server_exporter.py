@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def start(data_dir: Path, **overrides: object) -> object:
         metrics_address="127.0.0.1:0",
         data_dir=str(data_dir),
         device="cpu",
+        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
         **overrides,
     )
     return server_mod.BackgroundServer(settings).start()

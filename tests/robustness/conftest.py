@@ -43,6 +43,9 @@ def robust_settings(data_dir: Path, **overrides: Any) -> Settings:
         "max_chunk_rows": MAX_CHUNK_ROWS,
         "max_message_bytes": MAX_MESSAGE_BYTES,
         "shutdown_grace_s": 0.5,
+        # Settings.load(env={}) ignores the environment, so the suite's engine choice is passed on here
+        # (tests/conftest.py: eager, since the compiled kernel costs seconds to build in each process).
+        "engine_backend": os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
     }
     values.update(overrides)
     return Settings.load(env={}, **values)

@@ -12,6 +12,7 @@ Run (what tests/robustness/test_fuzz.py does, bounded):
 
 from __future__ import annotations
 
+import os
 import sys
 
 import atheris
@@ -30,7 +31,11 @@ with atheris.instrument_imports(include=["evalstream.service.wire", "evalstream.
 
 NUM_CLASSES = 4
 MAX_ROWS = 64
-REDUCER = ChunkReducer(NUM_CLASSES, Settings.load(env={}, device="cpu").engine_config())
+# The suite's engine backend (eager unless EVALSTREAM_ENGINE_BACKEND names another), as the servers use.
+BACKEND = os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager")
+REDUCER = ChunkReducer(
+    NUM_CLASSES, Settings.load(env={}, device="cpu", engine_backend=BACKEND).engine_config()
+)
 
 
 def one_input(data: bytes) -> None:

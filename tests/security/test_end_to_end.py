@@ -4,6 +4,7 @@ and the Prometheus exposition never carries request contents."""
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 import urllib.error
@@ -75,6 +76,7 @@ def deployment(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         grpc_address="127.0.0.1:0",
         metrics_address="127.0.0.1:0",
         device="cpu",
+        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
         shutdown_grace_s=1.0,
         tls_cert_file=str(pki.server_cert),
         tls_key_file=str(pki.server_key),
