@@ -145,6 +145,13 @@ def test_compose_stack_is_consistent() -> None:
     (job,) = prom_cfg["scrape_configs"]
     (target,) = job["static_configs"][0]["targets"]
     assert target == f"evalstream:{env['EVALSTREAM_METRICS_ADDRESS'].rsplit(':', 1)[1]}"
+    # Compiled kernels survive a restart: inductor's cache on the data volume, where the image puts it.
+    data_mount = next(
+        v.split(":")[1] for v in services["evalstream"]["volumes"] if v.startswith("evalstream-data:")
+    )
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(data_mount + "/")
+    image_env = re.search(r"TORCHINDUCTOR_CACHE_DIR=(\S+)", (DEPLOY / "Dockerfile").read_text())
+    assert image_env and image_env.group(1) == env["TORCHINDUCTOR_CACHE_DIR"]
     # Prometheus reads its rules next to its config: compose mounts the folder at /etc/prometheus.
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())

@@ -117,8 +117,21 @@ def test_settings_names_exist() -> None:
         config = yaml.safe_load(by_kind(docs)[("ConfigMap", "evalstream-config")]["data"]["evalstream.yaml"])
         assert set(config) <= fields
         for e in container(docs).get("env", []):
+            if not e["name"].startswith("EVALSTREAM_"):
+                continue  # another program's variable (TORCHINDUCTOR_CACHE_DIR)
             name = e["name"].removeprefix("EVALSTREAM_").lower()
             assert name in fields or name in {"config", "healthcheck_ca_file"}, e["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_kernels_are_cached_on_the_data_volume(variant: str) -> None:
+    """The root filesystem is read-only and /tmp an emptyDir, so inductor's default cache
+    (/tmp/torchinductor_$USER) would be lost with the pod: every restart would compile from scratch."""
+    c = container(render(K8S / variant))
+    env = {e["name"]: e["value"] for e in c["env"]}
+    data = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "data")
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(data.rstrip("/") + "/")
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
