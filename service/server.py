@@ -28,12 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from evalstream.v1 import service_pb2, service_pb2_grpc
+from evalstream.v1 import service_pb2
 
 from . import auth
 from .exporter import QualityCollector
 from .ingest import Coordinator
-from .servicer import EvalStreamServicer
+from .servicer import EvalStreamServicer, add_to_server
 from .settings import Settings
 from .store import SqliteStore
 from .telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
@@ -89,7 +89,7 @@ class Server:
         server = grpc.aio.server(
             interceptors=auth.interceptors(s, on_denied=on_denied), options=_grpc_options(s)
         )
-        service_pb2_grpc.add_EvalStreamServiceServicer_to_server(EvalStreamServicer(self.coordinator), server)
+        add_to_server(EvalStreamServicer(self.coordinator), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

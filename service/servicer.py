@@ -40,6 +40,63 @@ MAX_PAGE_SIZE = 1000
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+# Metadata a client sends to accept one acknowledgement for several chunks (see StreamEvaluation).
+ACKS_METADATA = ("evalstream-acks", "cumulative")
+StreamRequest = service_pb2.StreamEvaluationRequest | wire.RawChunk
+
+
+class _Nothing:
+    """No answer taken ahead (None is the end of the answers)."""
+
+
+NOTHING = _Nothing()
+
+
+def wants_cumulative_acks(metadata: Any) -> bool:
+    return any(tuple(item) == ACKS_METADATA for item in metadata or ())
+
+
+def _plain(outcome: ChunkOutcome) -> bool:
+    return outcome.rejection is None and not outcome.duplicate
+
+
+def _settled_plain(fut: asyncio.Future[Any]) -> bool:
+    """A future already holding a plain chunk outcome (an acknowledgement another one may cover)."""
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return False
+    result = fut.result()
+    return isinstance(result, ChunkOutcome) and _plain(result)
+
+
+def add_to_server(servicer: EvalStreamServicer, server: Any) -> None:
+    """Register the service as the generated code does, with StreamEvaluation's requests read by
+    ``wire.parse_stream_request`` (plain chunks without protobuf) instead of protobuf's parser."""
+    captured = _Handlers()
+    service_pb2_grpc.add_EvalStreamServiceServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    handlers["StreamEvaluation"] = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamEvaluation,
+        request_deserializer=wire.parse_stream_request,
+        response_serializer=service_pb2.StreamEvaluationResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
+
+
+class _Handlers:
+    """Stands in for a server to capture the generated registration's method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
 @dataclass
 class _Stream:
     """What one StreamEvaluation call has opened."""
@@ -73,18 +130,42 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
     # -- streaming ----------------------------------------------------------------------------
 
     async def StreamEvaluation(
-        self, request_iterator: AsyncIterator[service_pb2.StreamEvaluationRequest], context: Context
+        self, request_iterator: AsyncIterator[StreamRequest], context: Context
     ) -> AsyncIterator[service_pb2.StreamEvaluationResponse]:
         """Reading and answering run apart, so the next chunks are received and reduced while
-        earlier ones commit; answers go out in request order."""
+        earlier ones commit; answers go out in request order.
+
+        A client that sends the ``evalstream-acks: cumulative`` metadata gets one acknowledgement
+        for a run of plain chunk outcomes that are ready together (a staging block's chunks commit
+        at once): its ``next_sequence`` covers them all, as the contract's "highest sequence
+        durably committed" allows. Rejections and duplicates are always answered one by one, and
+        a client that does not ask gets one acknowledgement per chunk.
+        """
         self.telemetry.active_streams.inc()
         stream = _Stream()
+        cumulative = wants_cumulative_acks(context.invocation_metadata())
         answers: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
         reader = asyncio.ensure_future(self._read(request_iterator, context.peer(), stream, answers))
         try:
-            while (answer := await answers.get()) is not None:
+            ahead: asyncio.Future[Any] | _Nothing | None = NOTHING
+            while True:
+                answer = await answers.get() if isinstance(ahead, _Nothing) else ahead
+                ahead = NOTHING
+                if answer is None:
+                    break
                 result = await answer
-                yield self._ack(result) if isinstance(result, ChunkOutcome) else result
+                if not isinstance(result, ChunkOutcome):
+                    yield result
+                    continue
+                if cumulative and _plain(result):
+                    # Later outcomes already settled supersede this one; the first that is not (or not
+                    # yet) a plain outcome is kept for the next turn.
+                    while not answers.empty():
+                        ahead = answers.get_nowait()
+                        if ahead is None or not _settled_plain(ahead):
+                            break
+                        result, ahead = ahead.result(), NOTHING
+                yield self._ack(result)
         except Exception as exc:
             await self._fail(context, "StreamEvaluation", exc)
         finally:
@@ -95,37 +176,48 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
 
     async def _read(
         self,
-        requests: AsyncIterator[service_pb2.StreamEvaluationRequest],
+        requests: AsyncIterator[StreamRequest],
         peer: str,
         stream: _Stream,
         answers: asyncio.Queue[asyncio.Future[Any] | None],
     ) -> None:
-        """Turn each request into the future of its answer; a protocol error is the last answer."""
+        """Turn each request into the future of its answer; a protocol error is the last answer.
+
+        Requests arrive as ``wire.parse_stream_request`` made them: a plain chunk as a
+        ``RawChunk`` read off the wire, anything else as a protobuf message, checked here for
+        fields this server does not know.
+        """
         loop = asyncio.get_running_loop()
+        max_rows = self.settings.max_chunk_rows
         try:
             async for request in requests:
-                kind = request.WhichOneof("message")
-                unknown = unknown_fields(request)
-                if unknown:
-                    raise InvalidArgument(
-                        f"the request carries fields this server does not know ({', '.join(unknown)}); "
-                        "they would be silently ignored, so it is refused: drop them or upgrade the server"
-                    )
-                if kind == "chunk":
+                raw: wire.RawChunk | None
+                if isinstance(request, wire.RawChunk):
+                    kind, raw = "chunk", request
+                else:
+                    kind = request.WhichOneof("message")
+                    unknown = unknown_fields(request)
+                    if unknown:
+                        raise InvalidArgument(
+                            f"the request carries fields this server does not know ({', '.join(unknown)});"
+                            " they would be silently ignored, so it is refused: drop them or upgrade the"
+                            " server"
+                        )
+                    raw = wire.raw_chunk(request.chunk) if kind == "chunk" else None
+                if raw is not None:
                     if stream.lease is None:
                         raise FailedPrecondition(
                             "the shard is closed; open a new stream"
                             if stream.opened
                             else "send OpenShard first"
                         )
-                    lease, chunk = stream.lease, request.chunk
-                    decode = functools.partial(
-                        wire.decode_chunk, chunk, lease.num_classes, self.settings.max_chunk_rows
-                    )
+                    lease = stream.lease
+                    decode = functools.partial(wire.decode_raw, raw, lease.num_classes, max_rows)
                     future: asyncio.Future[Any] = await self.coordinator.submit_chunk(
-                        lease, chunk.sequence, decode
+                        lease, raw.sequence, decode
                     )
                 else:
+                    assert not isinstance(request, wire.RawChunk)
                     future = loop.create_future()
                     future.set_result(await self._control(request, kind, peer, stream))
                 await answers.put(future)
@@ -392,4 +484,11 @@ def check_metric(name: str, top_k: tuple[int, ...]) -> bool:
         raise InvalidArgument(str(exc)) from None
 
 
-__all__ = ["EvalStreamServicer", "ServiceError", "check_metric", "ref_to_args"]
+__all__ = [
+    "ACKS_METADATA",
+    "EvalStreamServicer",
+    "ServiceError",
+    "add_to_server",
+    "check_metric",
+    "ref_to_args",
+]

@@ -22,11 +22,13 @@ anything but the next chunk, or FLUSH_DELAY_S after its last chunk.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .wire import DecodedChunk
@@ -40,13 +42,13 @@ MAX_BLOCKS = 2
 
 
 def score_dtype(chunk: DecodedChunk) -> torch.dtype:
-    """The torch dtype of a decoded chunk's scores (numpy float32/float16 or torch bfloat16)."""
-    s = chunk.scores
-    return s.dtype if isinstance(s, torch.Tensor) else torch.from_numpy(np.empty(0, s.dtype)).dtype
+    """The torch dtype of a decoded chunk's scores."""
+    return chunk.dtype
 
 
-def _tensor(x: Any) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+def host_view(t: torch.Tensor) -> npt.NDArray[Any]:
+    """A numpy view of a CPU tensor; bfloat16 as its int16 bit patterns (numpy has no bfloat16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def capacity_rows(block_rows: int, num_classes: int, itemsize: int, max_bytes: int = STAGING_BYTES) -> int:
@@ -54,7 +56,9 @@ def capacity_rows(block_rows: int, num_classes: int, itemsize: int, max_bytes: i
     return max(1, min(block_rows, max_bytes // (num_classes * itemsize)))
 
 
+@functools.cache
 def _itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element (cached: asked per chunk, and torch.empty costs ~5 µs)."""
     return torch.empty(0, dtype=dtype).element_size()
 
 
@@ -166,6 +170,10 @@ class StagingBlock:
         self.scores = torch.empty((capacity, num_classes), dtype=dtype)
         self.labels = torch.empty(capacity, dtype=torch.int64)
         self.ids = torch.empty(capacity, dtype=torch.int64)
+        # numpy views of the same buffers for the staging copy: numpy copies unaligned views (the
+        # payloads sit at odd offsets of the received message) and costs ~0.4 µs a call against
+        # torch's ~6 µs of dispatch.
+        self._host = (host_view(self.scores), host_view(self.labels), host_view(self.ids))
         self.nbytes = block_bytes(capacity, num_classes, dtype)
         self.rows = 0
         self.has_ids = False
@@ -186,10 +194,11 @@ class StagingBlock:
     def append(self, chunk: DecodedChunk, sequence: int, outcome: asyncio.Future[Any]) -> None:
         """Copy the chunk's rows in (the message bytes are not needed afterwards)."""
         start, stop = self.rows, self.rows + chunk.rows
-        self.scores[start:stop].copy_(_tensor(chunk.scores))
-        self.labels[start:stop].copy_(_tensor(chunk.labels))
+        scores, labels, ids = self._host
+        np.copyto(scores[start:stop], chunk.host)
+        np.copyto(labels[start:stop], chunk.labels)
         if chunk.sample_ids is not None:
-            self.ids[start:stop].copy_(_tensor(chunk.sample_ids))
+            np.copyto(ids[start:stop], chunk.sample_ids)
         if not self.segments:
             self.has_ids = chunk.sample_ids is not None
         self.segments.append(Segment(sequence, start, stop, chunk.num_bytes, outcome))

@@ -1,8 +1,11 @@
 """Fuzz target (atheris/libFuzzer): bytes -> the server's request decoding path.
 
-Every input is parsed as a ``StreamEvaluationRequest`` exactly as gRPC does, checked for
-unknown fields as the servicer does, and then, by kind: an open's key goes through the name
-and step validation; a chunk through ``wire.decode_chunk`` and the engine's ``ChunkReducer``.
+Every input goes through the server's request deserializer, ``wire.parse_stream_request``:
+a plain chunk is read without protobuf (``wire.parse_chunk_request``), and then it must be
+exactly what protobuf reads from the same bytes (same fields, no unknown ones), or the input is a
+crash. Anything else is parsed by protobuf, checked for unknown fields as the servicer does, and
+then, by kind: an open's key goes through the name and step validation; a chunk (either way)
+through ``wire.decode_raw`` and the engine's ``ChunkReducer``.
 The only acceptable failures are the refusals the service turns into statuses
 (``DecodeError``, ``ChunkError``, ``ServiceError``); anything else is a crash.
 
@@ -26,7 +29,7 @@ with atheris.instrument_imports(include=["evalstream.service.wire", "evalstream.
     from evalstream.service.ingest import evaluation_key
     from evalstream.service.servicer import unknown_fields
     from evalstream.service.settings import Settings
-    from evalstream.service.wire import decode_chunk
+    from evalstream.service.wire import RawChunk, decode_chunk, decode_raw, parse_stream_request, raw_chunk
     from evalstream.v1 import service_pb2
 
 NUM_CLASSES = 4
@@ -38,14 +41,34 @@ REDUCER = ChunkReducer(
 )
 
 
+def _same_as_protobuf(data: bytes, parsed: RawChunk) -> None:
+    """The parser's chunk must be what protobuf reads: a request whose only content is that chunk."""
+    request = service_pb2.StreamEvaluationRequest.FromString(data)  # a DecodeError here is a crash
+    if request.WhichOneof("message") != "chunk" or unknown_fields(request):
+        raise AssertionError("the parser accepted a request protobuf reads differently")
+    expected = raw_chunk(request.chunk)
+
+    def t(x: object) -> object:
+        return None if x is None else (x.dtype, tuple(x.shape), bytes(x.raw))  # type: ignore[attr-defined]
+
+    got = (parsed.sequence, t(parsed.scores), t(parsed.labels), t(parsed.sample_ids))
+    if got != (expected.sequence, t(expected.scores), t(expected.labels), t(expected.sample_ids)):
+        raise AssertionError(f"parser and protobuf disagree: {got} != {expected}")
+
+
 def one_input(data: bytes) -> None:
     try:
-        request = service_pb2.StreamEvaluationRequest.FromString(data)
+        request = parse_stream_request(data)
     except DecodeError:
         return
-    unknown_fields(request)
-    kind = request.WhichOneof("message")
     try:
+        if isinstance(request, RawChunk):
+            _same_as_protobuf(data, request)
+            chunk = decode_raw(request, NUM_CLASSES, MAX_ROWS)
+            REDUCER.reduce(chunk.scores, chunk.labels, chunk.sample_ids)
+            return
+        unknown_fields(request)
+        kind = request.WhichOneof("message")
         if kind == "open":
             k = request.open.key
             evaluation_key(k.run, k.model, k.split, k.step)
