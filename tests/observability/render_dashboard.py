@@ -2,10 +2,12 @@
 
     .venv/bin/python -m tests.observability.render_dashboard /tmp/evalstream-dashboard.png
 
-Streams six training steps of two models (3,000 imbalanced classes; the candidate grows
-overconfident as it trains), leaves one evaluation open with a rank missing, lets
-Prometheus scrape every second, then draws the panels from the dashboard's own queries
-(range queries re-indexed by the step gauge, so the x-axis is the training step).
+Streams six training steps of two models (3,000 Zipf-imbalanced classes, ``trajectory.py``): the
+candidate's loss falls below the baseline's by the middle of training while its top-1 accuracy
+stays lower at every step, the disagreement the dashboard's first two panels exist to show. Leaves
+one evaluation open with a rank missing, lets Prometheus scrape every second, then draws the
+panels from the dashboard's own queries (range queries re-indexed by the step gauge, so the
+x-axis is the training step).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from evalstream.v1 import evaluation_pb2, service_pb2_grpc
 from . import dashboard
 from .prom import Prometheus, wait_for
 from .streaming import make_data, stream_shard
+from .trajectory import CLASSES, STEPS, step_data
 
-RUN, SPLIT, CLASSES = "resnet-imbalanced", "validation", 3000
-STEPS = (100, 200, 300, 400, 500, 600)
+RUN, SPLIT = "resnet-imbalanced", "validation"
 P99 = "histogram_quantile(0.99, sum by (le) (rate(evalstream_{}_seconds_bucket[$__rate_interval])))"
 VALUES = {"run": RUN, "model": "baseline|candidate", "split": SPLIT}
 
@@ -73,15 +75,10 @@ def main(out: Path) -> None:
             with grpc.insecure_channel(srv.target) as ch:
                 stub = service_pb2_grpc.EvalStreamServiceStub(ch)
                 for i, step in enumerate(STEPS):
-                    for model, strength, scale in (
-                        ("baseline", 1.2 + 0.15 * i, 1.0),
-                        ("candidate", 1.5 + 0.2 * i, 1.0 + 0.25 * i),
-                    ):
+                    for model, data in step_data(i).items():
                         key = evaluation_pb2.EvaluationKey(run=RUN, model=model, split=SPLIT, step=step)
-                        stream_shard(
-                            stub, key, make_data(100 * i + len(model), 600, CLASSES, strength, scale)
-                        )
-                    time.sleep(2.5)
+                        stream_shard(stub, key, data)
+                    time.sleep(2.5)  # a few scrapes of this step before the next replaces the gauges
                 key = evaluation_pb2.EvaluationKey(run=RUN, model="candidate", split=SPLIT, step=700)
                 stream_shard(stub, key, make_data(7, 300, CLASSES, 2.7, 2.5), rank=0, world_size=4)
                 key.step = 700
@@ -89,6 +86,28 @@ def main(out: Path) -> None:
             time.sleep(3)
             end = time.time()
             render(prom, start, end, out)
+
+
+def disagreeing_steps(prom: Prometheus, start: float, end: float) -> list[int]:
+    """Steps where the model with the lower loss has the lower top-1 accuracy (read from Prometheus)."""
+    k = 'run="$run",model=~"$model",split="$split"'
+    nll = by_step(prom, f"evalstream_eval_nll{{{k}}}", start, end)
+    top1 = by_step(prom, f"evalstream_eval_accuracy_top1_ratio{{{k}}}", start, end)
+    if not {"baseline", "candidate"} <= nll.keys() & top1.keys():
+        return []
+    steps = set(nll["baseline"]) & set(nll["candidate"]) & set(top1["baseline"]) & set(top1["candidate"])
+    return sorted(
+        s
+        for s in steps
+        if (nll["candidate"][s] < nll["baseline"][s]) != (top1["candidate"][s] > top1["baseline"][s])
+    )
+
+
+def shade(ax: plt.Axes, steps: list[int], spacing: float) -> None:
+    """Mark the steps where loss and accuracy rank the two models differently."""
+    for i, step in enumerate(steps):
+        label = "loss and top-1 disagree" if i == 0 else None
+        ax.axvspan(step - spacing / 2, step + spacing / 2, color="tab:red", alpha=0.08, lw=0, label=label)
 
 
 def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
@@ -116,6 +135,9 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
         ax.legend(fontsize=7)
 
     k = 'run="$run",model=~"$model",split="$split"'
+    disagree = disagreeing_steps(prom, start, end)
+    for ax in axes[0, :2]:
+        shade(ax, disagree, STEPS[1] - STEPS[0])
     lines(
         axes[0, 0],
         "Loss (NLL) over steps",
