@@ -18,6 +18,7 @@ from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_
 
 from .errors import EvalStreamError, EvaluationTimeout
 from .stream import EvaluationStream, OnRejection, StreamOptions
+from .tensors import HostPool, PinnedPool
 from .transport import DEFAULT_MAX_MESSAGE_BYTES, MIB, RetryPolicy, TLSConfig, call_with_retry, make_channel
 
 DEFAULT_TARGET = "localhost:50051"
@@ -56,6 +57,8 @@ class EvalClient:
         self.max_message_bytes = max_message_bytes
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = make_channel(target, credentials, max_message_bytes, builtins.list(channel_options))
+        # Host and pinned buffers shared by this client's streams (see EvaluationStream).
+        self._pools = (PinnedPool(), HostPool())
         self._stub = service_pb2_grpc.EvalStreamServiceStub(self._channel)
 
     def __enter__(self) -> EvalClient:
@@ -135,6 +138,7 @@ class EvalClient:
             options,
             waiter=lambda timeout: self.wait_for(run, model, step=step, split=split, timeout=timeout),
             get_evaluation=lambda: self.get(run, model, step=step, split=split),
+            pools=self._pools,
         )
 
     # ----------------------------------------------------------------- reads

@@ -1,6 +1,8 @@
-"""One rank's shard of an evaluation: host copies in, chunk messages out, from a background thread.
+"""One rank's shard of an evaluation: batches in, chunk messages out, from a background thread.
 
-The caller's thread only validates, copies to host and enqueues (``add``).
+The caller's thread only validates and encodes host data into chunk requests
+(one copy of the rows) or starts a device batch's asynchronous host copy, and
+enqueues (``add``).
 The sender thread turns queued batches into ~1 MiB chunk messages, keeps every
 chunk until the server acknowledges it as durably committed, and on a dropped
 connection reopens the shard and replays what was not acknowledged. Two
@@ -81,6 +83,27 @@ class StreamOptions:
     open_timeout: float | None
 
 
+@dataclass
+class EncodedBatch:
+    """A host batch already encoded into its chunk requests by ``add()`` (sequence numbers included).
+
+    For data already in host memory this is the only copy the client takes: the rows go from the
+    caller's arrays straight into the request bytes, where a host copy first and the encoding
+    later would copy every byte twice (measured: the host copy alone was the client's largest item).
+    """
+
+    chunks: list[bytes]
+    rows_per_chunk: list[int]
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_chunk)
+
+    def release(self) -> None:
+        """Nothing pooled to give back (the requests are freed once acknowledged)."""
+
+
 class _StreamEnded(Exception):
     """The server ended the stream without a shard summary; reopening tells where things stand."""
 
@@ -112,6 +135,7 @@ class EvaluationStream:
         options: StreamOptions,
         waiter: Callable[[float | None], evaluation_pb2.Evaluation],
         get_evaluation: Callable[[], evaluation_pb2.Evaluation],
+        pools: tuple[PinnedPool, HostPool] | None = None,
     ) -> None:
         self._stream_call = raw_stream_call(channel)
         self._open = open_request
@@ -119,17 +143,20 @@ class EvaluationStream:
         self._opt = options
         self._waiter = waiter
         self._get_evaluation = get_evaluation
-        self._pool = PinnedPool()
-        self._host_pool = HostPool()
+        # The client's pools when given: an evaluation's first device batches then reuse the pinned
+        # buffers of the previous one (pinning memory costs far more than the copy).
+        self._pool, self._host_pool = pools or (PinnedPool(), HostPool())
         self.stats = StreamStats()
         self.rejections: list[service_pb2.ChunkRejection] = []
         self._unreported: list[service_pb2.ChunkRejection] = []
         self._cv = threading.Condition()
-        self._batches: collections.deque[HostBatch] = collections.deque()
+        self._batches: collections.deque[HostBatch | EncodedBatch] = collections.deque()
         self._queued_bytes = 0
-        self._cur: HostBatch | None = None
-        self._cur_row = 0
+        self._cur: HostBatch | EncodedBatch | None = None
+        self._cur_row = 0  # the next row of a HostBatch, the next chunk of an EncodedBatch
         self._next_seq = 0
+        # Sequence numbers taken by queued batches (add() encodes host batches with theirs).
+        self._reserved_seq = 0
         # Serialized chunk requests sent and not yet acknowledged, kept for replay.
         self._unacked: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._samples_committed = 0
@@ -166,7 +193,8 @@ class EvaluationStream:
     def add(self, scores: Any, labels: Any, sample_ids: Any = None) -> None:
         """Queue one batch: [n, C] scores (logits or log-probabilities), [n] labels, optional [n] ids.
 
-        Takes a host copy (asynchronous for CUDA tensors) and returns; blocks
+        Encodes host data into its chunk requests (asynchronous host copy for CUDA tensors, encoded
+        by the sender) and returns; blocks
         only while more than ``max_buffer_bytes`` wait to be sent. Raises the
         stream's failure, or (``on_rejection="raise"``) the server's in-band
         rejection of an earlier chunk.
@@ -174,18 +202,25 @@ class EvaluationStream:
         self._raise_if_failed(include_rejections=True)
         if self._close_requested or self._aborted:
             raise EvalStreamError("add() after close() or abort()")
-        batch = to_host_batch(
+        # Host data is encoded right here (no separate host copy; see EncodedBatch); device data gets
+        # its asynchronous copy and is encoded by the sender once the copy is done.
+        host = to_host_batch(
             scores,
             labels,
             sample_ids,
             num_classes=self._open.num_classes,
-            copy=self._opt.copy,
+            copy=False,
             pool=self._pool,
             host_pool=self._host_pool,
         )
-        if batch.rows == 0:
-            batch.release()
+        if host.rows == 0:
+            host.release()
             return
+        batch: HostBatch | EncodedBatch = host
+        step = self._rows_per_chunk(host.score_dtype)
+        chunks = -(-host.rows // step)
+        if host.event is None:
+            batch = self._encode(host, step, self._reserved_seq)
         with self._cv:
             waited = False
             start = time.perf_counter()
@@ -200,6 +235,7 @@ class EvaluationStream:
                 self.stats.backpressure_waits += 1
                 self.stats.backpressure_seconds += time.perf_counter() - start
             if self._error is None:
+                self._reserved_seq += chunks
                 self._batches.append(batch)
                 self._queued_bytes += batch.nbytes
                 self.stats.samples_added += batch.rows
@@ -279,6 +315,23 @@ class EvaluationStream:
             raise self._error
         if include_rejections and self._opt.on_rejection == "raise" and self._unreported:
             raise ChunkRejectedError(self._take_unreported())
+
+    def _rows_per_chunk(self, score_dtype: int) -> int:
+        return rows_per_chunk(
+            self._open.num_classes,
+            score_itemsize(score_dtype),
+            self._opt.chunk_bytes,
+            self._opt.max_message_bytes,
+        )
+
+    @staticmethod
+    def _encode(batch: HostBatch, step: int, first_seq: int) -> EncodedBatch:
+        """All chunk requests of a host batch, numbered from ``first_seq`` (one copy of the rows)."""
+        bounds = [(a, min(batch.rows, a + step)) for a in range(0, batch.rows, step)]
+        chunks = [encode_chunk_bytes(batch, a, b, first_seq + i) for i, (a, b) in enumerate(bounds)]
+        nbytes = batch.nbytes
+        batch.release()
+        return EncodedBatch(chunks, [b - a for a, b in bounds], nbytes)
 
     # ----------------------------------------------------------- sender side
 
@@ -440,23 +493,23 @@ class EvaluationStream:
                         reqs.put(service_pb2.StreamEvaluationRequest(close=close).SerializeToString())
                     self._cv.wait()
                 batch, start, seq = self._cur, self._cur_row, self._next_seq
-            batch.ready()
-            step = rows_per_chunk(
-                self._open.num_classes,
-                score_itemsize(batch.score_dtype),
-                self._opt.chunk_bytes,
-                self._opt.max_message_bytes,
-            )
-            stop = min(batch.rows, start + step)
-            req = encode_chunk_bytes(batch, start, stop, seq)
+            if isinstance(batch, EncodedBatch):
+                req, rows, stop = batch.chunks[start], batch.rows_per_chunk[start], start + 1
+                batch.chunks[start] = b""  # kept in _unacked from here; the batch lets go of it
+                done = stop >= len(batch.chunks)
+            else:
+                batch.ready()
+                stop = min(batch.rows, start + self._rows_per_chunk(batch.score_dtype))
+                req = encode_chunk_bytes(batch, start, stop, seq)
+                rows, done = stop - start, stop >= batch.rows
             with self._cv:
                 self._unacked[seq] = req
                 self._next_seq += 1
                 self._cur_row = stop
-                self.stats.samples_sent += stop - start
+                self.stats.samples_sent += rows
                 self.stats.chunks_sent += 1
                 self.stats.max_inflight_chunks = max(self.stats.max_inflight_chunks, len(self._unacked))
-                if stop >= batch.rows:
+                if done:
                     self._cur = None
                     self._queued_bytes -= batch.nbytes
                     batch.release()
