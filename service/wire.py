@@ -289,13 +289,19 @@ def decode_raw(chunk: RawChunk, num_classes: int, max_rows: int) -> DecodedChunk
         ids = _view(chunk.sample_ids, id_shape)
         sample_ids = ids if ids.dtype == np.int64 else ids.astype(np.int64)
     return DecodedChunk(
-        host, labels, sample_ids, len(scores_t.raw), TORCH_SCORE_DTYPES[scores_t.dtype]  # type: ignore[arg-type]
+        host,
+        labels,  # type: ignore[arg-type]
+        sample_ids,  # type: ignore[arg-type]
+        len(scores_t.raw),
+        TORCH_SCORE_DTYPES[scores_t.dtype],
     )
 
 
 def decode_chunk(chunk: service_pb2.Chunk, num_classes: int, max_rows: int) -> DecodedChunk:
     """``decode_raw`` of a protobuf Chunk (requests the wire parser left to protobuf)."""
     return decode_raw(raw_chunk(chunk), num_classes, max_rows)
+
+
 def encode_tensor(array: npt.ArrayLike | torch.Tensor) -> tensor_pb2.Tensor:
     """A numpy array or torch tensor as a proto Tensor (one copy into the message bytes)."""
     if isinstance(array, torch.Tensor):
