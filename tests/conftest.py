@@ -5,19 +5,38 @@ backend compiles its kernel on the first chunk of every server process (seconds 
 the many short-lived servers of the suite would pay again and again. Set at import, so servers
 in this process and in subprocesses inherit it (fixtures that build settings with
 ``Settings.load(env={})`` pass it on themselves). Tests of the compiled backend name it explicitly.
+
+The ``settings`` and ``server`` fixtures are the loopback server the client and service tests share
+(port 0, SQLite under the test's tmp_path); folders that need another server override them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from support.servers import ENGINE_BACKEND_VARIABLE, small_settings
 
-ENGINE_BACKEND_VARIABLE = "EVALSTREAM_ENGINE_BACKEND"
+from evalstream.service.server import BackgroundServer
+from evalstream.service.settings import Settings
+
 os.environ.setdefault(ENGINE_BACKEND_VARIABLE, "eager")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _single_torch_thread() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return small_settings(tmp_path / "data")
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[BackgroundServer]:
+    with BackgroundServer(settings) as srv:
+        yield srv

@@ -1,14 +1,12 @@
-"""A real server on loopback (port 0, SQLite in tmp_path) and a client connected to it."""
+"""A client connected to the shared loopback server (tests/conftest.py) and the data to stream to it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from support.servers import small_settings
 
 from evalstream.client import EvalClient, RetryPolicy
 from evalstream.service.engine.metrics import compute_metrics
@@ -17,36 +15,11 @@ from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 
+__all__ = ["FAST_RETRY", "NUM_CLASSES", "engine_metrics", "make_batches", "small_settings"]
+
 NUM_CLASSES = 50
 # Reconnect fast in tests; a dropped connection should be back within a second.
 FAST_RETRY = RetryPolicy(max_attempts=20, initial_backoff_s=0.05, max_backoff_s=0.5)
-
-
-def small_settings(data_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "data_dir": str(data_dir),
-        "grpc_address": "127.0.0.1:0",
-        "metrics_address": "",
-        "device": "cpu",
-        "worker_threads": 2,
-        "shutdown_grace_s": 1.0,
-        # Settings.load(env={}) ignores the environment, so the suite's engine choice is passed on here
-        # (tests/conftest.py: eager, since the compiled kernel costs seconds to build in each process).
-        "engine_backend": os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
-    }
-    values.update(overrides)
-    return Settings.load(env={}, **values)
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return small_settings(tmp_path / "data")
-
-
-@pytest.fixture
-def server(settings: Settings) -> Iterator[BackgroundServer]:
-    with BackgroundServer(settings) as srv:
-        yield srv
 
 
 @pytest.fixture
