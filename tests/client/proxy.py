@@ -2,7 +2,7 @@
 
 Stalling (``pause``) is what a congested network or a slow server looks like
 to the client; cutting (``cut``) is a dropped connection. Nothing is mocked:
-the client and server speak real gRPC through it.
+the client and server speak real gRPC through it (the relay is tests/support/relay.py).
 """
 
 from __future__ import annotations
@@ -11,53 +11,25 @@ import contextlib
 import socket
 import threading
 
+from support.relay import TcpRelay
 
-class TcpProxy:
+
+class TcpProxy(TcpRelay[None]):
     def __init__(self, upstream: str) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(upstream, name="proxy")
         self._flowing = threading.Event()
         self._flowing.set()
-        self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
-        self._closed = False
         self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._upstream)
-            except OSError:
-                downstream.close()
-                continue
-            with self._lock:
-                self._sockets += [downstream, upstream]
-                self.connections += 1
-            threading.Thread(target=self._pipe, args=(downstream, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, downstream), daemon=True).start()
+    def _opened(self, downstream: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            self._sockets += [downstream, upstream]
+            self.connections += 1
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                self._flowing.wait()
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+    def _hold(self, conn: None, direction: str) -> None:
+        self._flowing.wait()
 
     def pause(self) -> None:
         """Stop forwarding in both directions (connections stay open)."""

@@ -7,7 +7,7 @@ sockets stay open), or black-hole the replies (the server keeps receiving and
 committing, the client hears nothing) and then drop it. The black hole is what
 makes chunks "committed but not acknowledged", which the client must re-send
 and the server must recognise. After ``max_faults`` faulty connections every
-connection passes, so a schedule always ends.
+connection passes, so a schedule always ends. The byte relay itself is tests/support/relay.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-UP, DOWN = "client->server", "server->client"
+from support.relay import DOWN, UP, TcpRelay
+
 ACTIONS = ("drop", "stall", "blackhole")
 
 
@@ -49,7 +50,7 @@ class _Conn:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ChaosProxy:
+class ChaosProxy(TcpRelay[_Conn]):
     """Listens on 127.0.0.1:<port>; forwards to ``upstream``; faults follow ``seed``."""
 
     def __init__(
@@ -62,22 +63,16 @@ class ChaosProxy:
         max_after_reply_bytes: int = 1_500,
         actions: tuple[str, ...] = ACTIONS,
     ) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self._upstream = (host, int(port))
+        super().__init__(upstream, name="chaos")
         self._rng = random.Random(seed)
         self._max_faults = max_faults
         self._p = fault_probability
         self._max_after = {UP: max_after_bytes, DOWN: max_after_reply_bytes}
         self._actions = actions
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.target = f"127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
         self._conns: list[_Conn] = []
         self.plans: list[Plan] = []
         self.faults_fired: list[str] = []
-        self._closed = False
-        threading.Thread(target=self._accept, name="chaos-accept", daemon=True).start()
+        self._start()
 
     def _plan(self) -> Plan:
         faulty = sum(p.action != "pass" for p in self.plans)
@@ -92,45 +87,25 @@ class ChaosProxy:
             stall_s=self._rng.uniform(0.1, 0.8),
         )
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._upstream)
-            except OSError:
-                _reset(downstream)
-                continue
-            with self._lock:
-                plan = self._plan()
-                self.plans.append(plan)
-                conn = _Conn(plan, (downstream, upstream))
-                self._conns.append(conn)
-            conn.flowing.set()
-            conn.replies_open.set()
-            threading.Thread(target=self._pipe, args=(conn, downstream, upstream, UP), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(conn, upstream, downstream, DOWN), daemon=True).start()
+    def _opened(self, downstream: socket.socket, upstream: socket.socket) -> _Conn:
+        with self._lock:
+            plan = self._plan()
+            self.plans.append(plan)
+            conn = _Conn(plan, (downstream, upstream))
+            self._conns.append(conn)
+        conn.flowing.set()
+        conn.replies_open.set()
+        return conn
 
-    def _pipe(self, conn: _Conn, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                conn.flowing.wait()
-                if direction == DOWN:
-                    conn.replies_open.wait()
-                dst.sendall(data)
-                self._count(conn, direction, len(data))
-        except OSError:
-            pass
-        for s in conn.sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+    def _refused(self, downstream: socket.socket) -> None:
+        _reset(downstream)
 
-    def _count(self, conn: _Conn, direction: str, n: int) -> None:
+    def _hold(self, conn: _Conn, direction: str) -> None:
+        conn.flowing.wait()
+        if direction == DOWN:
+            conn.replies_open.wait()
+
+    def _forwarded(self, conn: _Conn, direction: str, n: int) -> None:
         plan = conn.plan
         with conn.lock:
             conn.sent[direction] += n
