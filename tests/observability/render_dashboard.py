@@ -88,6 +88,21 @@ def main(out: Path) -> None:
             render(prom, start, end, out)
 
 
+def by_bin(prom: Prometheus, expr: str) -> dict[str, float]:
+    """{bin: value} of an instant query over the reliability-diagram bins (bin = upper confidence edge)."""
+    return {r["metric"]["bin"]: float(r["value"][1]) for r in prom.query(expr)}
+
+
+def finish(ax: plt.Axes, title: str, xlabel: str, ylabel: str, grid: bool = True) -> None:
+    """Title, axis labels, grid and legend: the same dress for every panel."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def disagreeing_steps(prom: Prometheus, start: float, end: float) -> list[int]:
     """Steps where the model with the lower loss has the lower top-1 accuracy (read from Prometheus)."""
     k = 'run="$run",model=~"$model",split="$split"'
@@ -128,56 +143,68 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
                     marker="o",
                     ms=3,
                 )
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish(ax, title, "training step", ylabel)
 
     k = 'run="$run",model=~"$model",split="$split"'
     disagree = disagreeing_steps(prom, start, end)
     for ax in axes[0, :2]:
         shade(ax, disagree, STEPS[1] - STEPS[0])
-    lines(
-        axes[0, 0],
-        "Loss (NLL) over steps",
-        [
-            (f"evalstream_eval_nll{{{k}}}", "NLL", "-"),
-            (f"evalstream_eval_calibrated_nll{{{k}}}", "NLL at T*", "--"),
-        ],
-        "nats",
-    )
-    lines(
-        axes[0, 1],
-        "Top-k accuracy over steps",
-        [
-            (f"evalstream_eval_accuracy_top1_ratio{{{k}}}", "top-1", "-"),
-            (f"evalstream_eval_accuracy_top5_ratio{{{k}}}", "top-5", "--"),
-        ],
-        "ratio",
-    )
-    lines(
-        axes[0, 2],
-        "Calibration error over steps",
-        [
-            (f"evalstream_eval_ece_ratio{{{k}}}", "ECE", "-"),
-            (f"evalstream_eval_adaptive_ece_ratio{{{k}}}", "adaptive ECE", ":"),
-            (f"evalstream_eval_mce_ratio{{{k}}}", "MCE", "--"),
-        ],
-        "ratio",
-    )
+    for ax, title, series, unit in (
+        (
+            axes[0, 0],
+            "Loss (NLL) over steps",
+            [
+                (f"evalstream_eval_nll{{{k}}}", "NLL", "-"),
+                (f"evalstream_eval_calibrated_nll{{{k}}}", "NLL at T*", "--"),
+            ],
+            "nats",
+        ),
+        (
+            axes[0, 1],
+            "Top-k accuracy over steps",
+            [
+                (f"evalstream_eval_accuracy_top1_ratio{{{k}}}", "top-1", "-"),
+                (f"evalstream_eval_accuracy_top5_ratio{{{k}}}", "top-5", "--"),
+            ],
+            "ratio",
+        ),
+        (
+            axes[0, 2],
+            "Calibration error over steps",
+            [
+                (f"evalstream_eval_ece_ratio{{{k}}}", "ECE", "-"),
+                (f"evalstream_eval_adaptive_ece_ratio{{{k}}}", "adaptive ECE", ":"),
+                (f"evalstream_eval_mce_ratio{{{k}}}", "MCE", "--"),
+            ],
+            "ratio",
+        ),
+        (
+            axes[1, 1],
+            "Balanced accuracy and macro-F1",
+            [
+                (f"evalstream_eval_balanced_accuracy_ratio{{{k}}}", "balanced acc", "-"),
+                (f"evalstream_eval_macro_f1_ratio{{{k}}}", "macro-F1", "--"),
+            ],
+            "ratio",
+        ),
+        (
+            axes[1, 2],
+            "Accuracy on head / torso / tail classes",
+            [
+                (f"evalstream_eval_accuracy_head_ratio{{{k}}}", "head", "-"),
+                (f"evalstream_eval_accuracy_torso_ratio{{{k}}}", "torso", "--"),
+                (f"evalstream_eval_accuracy_tail_ratio{{{k}}}", "tail", ":"),
+            ],
+            "ratio",
+        ),
+    ):
+        lines(ax, title, series, unit)
     # Reliability diagram of the latest step (instant queries).
     ax = axes[1, 0]
     for j, model in enumerate(("baseline", "candidate")):
         sel = f'run="{RUN}",model="{model}",split="{SPLIT}"'
-        acc = {
-            r["metric"]["bin"]: float(r["value"][1])
-            for r in prom.query(f"evalstream_eval_reliability_accuracy_ratio{{{sel}}}")
-        }
-        conf = {
-            r["metric"]["bin"]: float(r["value"][1])
-            for r in prom.query(f"evalstream_eval_reliability_confidence_ratio{{{sel}}}")
-        }
+        acc = by_bin(prom, f"evalstream_eval_reliability_accuracy_ratio{{{sel}}}")
+        conf = by_bin(prom, f"evalstream_eval_reliability_confidence_ratio{{{sel}}}")
         bins = sorted(acc, key=float)
         xs = [float(b) for b in bins]
         ax.bar(
@@ -189,36 +216,14 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             align="edge",
         )
         ax.plot(
-            [float(b) for b in bins],
+            xs,
             [conf[b] for b in bins],
             "x",
             color=colors[model],
             label=f"{model} mean confidence",
         )
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
-    ax.set_title("Reliability diagram, latest step")
-    ax.set_xlabel("confidence bin (upper edge)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
-    lines(
-        axes[1, 1],
-        "Balanced accuracy and macro-F1",
-        [
-            (f"evalstream_eval_balanced_accuracy_ratio{{{k}}}", "balanced acc", "-"),
-            (f"evalstream_eval_macro_f1_ratio{{{k}}}", "macro-F1", "--"),
-        ],
-        "ratio",
-    )
-    lines(
-        axes[1, 2],
-        "Accuracy on head / torso / tail classes",
-        [
-            (f"evalstream_eval_accuracy_head_ratio{{{k}}}", "head", "-"),
-            (f"evalstream_eval_accuracy_torso_ratio{{{k}}}", "torso", "--"),
-            (f"evalstream_eval_accuracy_tail_ratio{{{k}}}", "tail", ":"),
-        ],
-        "ratio",
-    )
+    finish(ax, "Reliability diagram, latest step", "confidence bin (upper edge)", "accuracy", grid=False)
     # Live evaluation: samples per rank and ranks closed.
     ax = axes[2, 0]
     shards = prom.query(dashboard.substitute(f"evalstream_open_shard_samples{{{k}}}", VALUES))
@@ -246,18 +251,9 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             axes[2, 2],
             "Chunk latency p99",
             [
-                (
-                    P99.format("chunk_decode"),
-                    "decode",
-                ),
-                (
-                    P99.format("chunk_compute"),
-                    "compute",
-                ),
-                (
-                    P99.format("store_commit"),
-                    "commit",
-                ),
+                (P99.format("chunk_decode"), "decode"),
+                (P99.format("chunk_compute"), "compute"),
+                (P99.format("store_commit"), "commit"),
             ],
             "seconds",
         ),
@@ -266,11 +262,7 @@ def render(prom: Prometheus, start: float, end: float, out: Path) -> None:
             for r in prom.query_range(dashboard.substitute(expr, VALUES, "5s"), start, end, "1s"):
                 ts = [float(t) - start for t, _ in r["values"]]
                 ax.plot(ts, [float(v) for _, v in r["values"]], label=label)
-        ax.set_title(title)
-        ax.set_xlabel("seconds since start")
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish(ax, title, "seconds since start", unit)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     print(out)
