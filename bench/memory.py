@@ -36,6 +36,24 @@ def _tree_bytes(path: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
 
 
+def _settled_bytes(data_dir: Path, timeout_s: float = 10.0) -> int:
+    """Database + WAL size once the store has given finalized chunks' pages back.
+
+    The store frees those pages in bounded steps after a finalize (and truncates
+    the WAL at the end), so the size right after the finalize reply overstates
+    what stays on disk; wait until it stops shrinking.
+    """
+    deadline = time.monotonic() + timeout_s
+    size = _tree_bytes(data_dir, "evalstream.db*")
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _tree_bytes(data_dir, "evalstream.db*")
+        if now >= size:
+            return now
+        size = now
+    return size
+
+
 def run(samples: int, ranks: int, dtype: str) -> dict[str, Any]:
     with ServerProcess() as server:
         pool = Ranks(server, ranks)
@@ -60,7 +78,7 @@ def run(samples: int, ranks: int, dtype: str) -> dict[str, Any]:
             pool.close()
         peak = server.peak_rss()
         records = _tree_bytes(server.data_dir / "records", "*")
-        database = _tree_bytes(server.data_dir, "evalstream.db*")
+        database = _settled_bytes(server.data_dir)
     n = result["samples"]
     # Only the measured evaluation's records (the warm-up one is small and counted in the database).
     quarters = []
