@@ -174,8 +174,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             bootstrap_replicates=args.replicates,
             seed=args.seed,
         )
+        # Keyed by evaluation id, as compare_view expects (two candidates may share a model name).
         evaluations = {
-            c.ref.model: client.get(c.ref.run, c.ref.model, step=c.ref.step, split=c.ref.split)
+            c.evaluation_id: client.get(c.ref.run, c.ref.model, step=c.ref.step, split=c.ref.split)
             for c in response.candidates
         }
     if args.json:
@@ -227,7 +228,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.plot:
         from evalstream.client.compare_view import plot_comparison
 
-        plot_comparison(result.comparison, result.evaluations, args.plot)
+        by_id = {e.evaluation_id: e for e in result.evaluations.values()}
+        plot_comparison(result.comparison, by_id, args.plot)
         print(f"chart saved to {args.plot}", file=sys.stderr)
     return 0
 

@@ -66,6 +66,13 @@ def test_list_show_and_compare(populated: str) -> None:
     assert "a" in text and "b" in text and "nll" in text
 
 
+def test_compare_plot_writes_a_png(populated: str, tmp_path: Path) -> None:
+    chart = tmp_path / "compare.png"
+    done = evalstream("compare", "cli", "a", "b", "--plot", str(chart), "--target", populated)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
+    assert f"chart saved to {chart}" in done.stderr
+
+
 def test_missing_evaluation_and_unreachable_server_exit_1(populated: str) -> None:
     missing = evalstream("show", "cli", "nope", "--target", populated, check=False)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
@@ -73,8 +80,12 @@ def test_missing_evaluation_and_unreachable_server_exit_1(populated: str) -> Non
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
 
 
-def test_demo_json_shows_loss_and_accuracy_disagree() -> None:
-    done = evalstream("demo", "--json", "--samples", "3000", "--no-progress", "--run", "d")
+def test_demo_json_shows_loss_and_accuracy_disagree(tmp_path: Path) -> None:
+    chart = tmp_path / "demo.png"
+    done = evalstream(
+        "demo", "--json", "--samples", "3000", "--no-progress", "--run", "d", "--plot", str(chart)
+    )
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = json.loads(done.stdout)
     metrics = {name: m["evaluation"]["result"]["metrics"] for name, m in out["models"].items()}
     assert metrics["smooth"]["nll"] < metrics["sharp"]["nll"]
