@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -701,8 +701,11 @@ class Coordinator:
         )
         if len(records) == 0:
             raise FailedPrecondition(f"{_name(row.key)} has no committed samples; nothing to finalize")
-        report = compute_metrics(records, row.num_classes, self.engine_config)
-        kept, _dropped = records.dedupe()
+        # Deduplicated once: the metrics and the stored records are the same kept samples.
+        kept, dropped = records.dedupe()
+        del records
+        report = compute_metrics(kept, row.num_classes, self.engine_config, dedupe=False)
+        report = replace(report, duplicates_dropped=dropped)
         return result_from_report(report).SerializeToString(), kept.to_bytes(), report.num_samples
 
     async def recover(self) -> None:
