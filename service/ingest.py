@@ -36,7 +36,7 @@ from .engine.records import FIELDS
 from .engine.reducer import ChunkReducer, resolve_backend, resolve_device
 from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from .settings import Settings
-from .staging import MAX_BLOCKS, STAGING_BYTES, Segment, StagingBlock, StagingBudget, StagingPool, score_dtype
+from .staging import MAX_BLOCKS, STAGING_BYTES, Segment, StagingBlock, StagingBudget, StagingPool
 from .status import SeriesKey, ShardProgress
 from .store.base import (
     ChunkCommit,
@@ -380,7 +380,7 @@ class Coordinator:
             return self._chain(
                 lease, self._after(lease.tail, lambda: self._reject(lease, sequence, reason, message))
             )
-        dtype = score_dtype(chunk)
+        dtype = chunk.dtype
         staging = lease.staging or StagingPool(
             lease.num_classes, self.engine_config.block_rows, self.staging_budget, self._block_bytes
         )

@@ -41,11 +41,6 @@ MAX_SEGMENTS = 64
 MAX_BLOCKS = 2
 
 
-def score_dtype(chunk: DecodedChunk) -> torch.dtype:
-    """The torch dtype of a decoded chunk's scores."""
-    return chunk.dtype
-
-
 def host_view(t: torch.Tensor) -> npt.NDArray[Any]:
     """A numpy view of a CPU tensor; bfloat16 as its int16 bit patterns (numpy has no bfloat16)."""
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
