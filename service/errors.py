@@ -89,10 +89,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     store = store_failure(exc)
     if store is not None:
         return store
-    code = getattr(exc, "code", None)
-    if isinstance(code, str) and code in grpc.StatusCode.__members__:
-        # CompareError(code, message) from service/compare.
-        return status_code(code), str(getattr(exc, "message", exc))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

@@ -6,16 +6,15 @@ from dataclasses import dataclass
 
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.records import Records
+from evalstream.service.errors import ServiceError
 from evalstream.v1 import compare_pb2
 
 
-class CompareError(Exception):
+class CompareError(ServiceError):
     """A comparison that cannot be made; ``code`` is the gRPC status name the servicer answers with."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code)
 
 
 @dataclass
