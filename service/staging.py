@@ -22,7 +22,6 @@ anything but the next chunk, or FLUSH_DELAY_S after its last chunk.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +48,6 @@ def host_view(t: torch.Tensor) -> npt.NDArray[Any]:
 def capacity_rows(block_rows: int, num_classes: int, itemsize: int, max_bytes: int = STAGING_BYTES) -> int:
     """Rows of one block: ``block_rows``, fewer where the scores would exceed ``max_bytes``."""
     return max(1, min(block_rows, max_bytes // (num_classes * itemsize)))
-
-
-@functools.cache
-def _itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element (cached: asked per chunk, and torch.empty costs ~5 µs)."""
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 class StagingBudget:
@@ -153,7 +146,7 @@ class Segment:
 
 def block_bytes(capacity: int, num_classes: int, dtype: torch.dtype) -> int:
     """Bytes of one block's buffers: scores, int64 labels and int64 ids."""
-    return capacity * (num_classes * _itemsize(dtype) + 16)
+    return capacity * (num_classes * dtype.itemsize + 16)
 
 
 class StagingBlock:
@@ -287,4 +280,4 @@ class StagingPool:
         self.budget.release(block.nbytes)
 
     def capacity(self, dtype: torch.dtype) -> int:
-        return capacity_rows(self.block_rows, self.num_classes, _itemsize(dtype), self.max_block_bytes)
+        return capacity_rows(self.block_rows, self.num_classes, dtype.itemsize, self.max_block_bytes)
