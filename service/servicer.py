@@ -27,7 +27,7 @@ from .convert import SCORE_KINDS, evaluation_to_pb
 from .engine import Records
 from .engine.registry import direction, metric_infos
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, status_of
-from .ingest import ChunkOutcome, Coordinator, Lease, evaluation_key, validate_name
+from .ingest import DEFAULT_SPLIT, ChunkOutcome, Coordinator, Lease, evaluation_key, validate_name
 from .store.base import EvaluationRow, ShardOpenRequest
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
         return await self.coordinator._in_io(fn, *args)
 
     async def _resolve(self, run: str, model: str, split: str, step: int | None) -> EvaluationRow:
-        split = split or "validation"
+        split = split or DEFAULT_SPLIT
         for what, value in (("run", run), ("model", model), ("split", split)):
             validate_name(what, value)
         row = await self._io(self.store.find, run, model, split, step)
@@ -406,7 +406,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             rows = [await self._resolve(*ref_to_args(ref)) for ref in request.candidates]
         elif request.run:
             validate_name("run", request.run)
-            split = validate_name("split", request.split or "validation")
+            split = validate_name("split", request.split or DEFAULT_SPLIT)
             rows = await self._io(self.store.latest_per_model, request.run, split)
             if not rows:
                 raise NotFound(f"run {request.run} has no finalized evaluation on split {split}")
@@ -473,7 +473,7 @@ def unknown_fields(msg: Message, path: str = "") -> list[str]:
 
 
 def ref_to_args(ref: evaluation_pb2.EvaluationRef) -> tuple[str, str, str, int | None]:
-    return ref.run, ref.model, ref.split or "validation", ref.step if ref.HasField("step") else None
+    return ref.run, ref.model, ref.split or DEFAULT_SPLIT, ref.step if ref.HasField("step") else None
 
 
 def check_metric(name: str, top_k: tuple[int, ...]) -> bool:
