@@ -21,17 +21,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.lockstep import LockStep, close_request, open_request
 
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 from .conftest import FaultLog
 from .harness import ServerProcess
-from .lockstep import LockStep, close_request, open_request
 from .naive import chunk_requests
 from .workload import assert_same_result, fetch_result, join_ranks, rank_batches, reference, start_ranks
 
 NUM_CLASSES = 50
+RUN = "faults"  # the run workload.py and naive.py stream into
 UNLIMITED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
 
@@ -42,10 +43,14 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     srv.close()
 
 
+def _open(model: str) -> service_pb2.StreamEvaluationRequest:
+    return open_request(model, NUM_CLASSES, run=RUN)
+
+
 def _evaluation(target: str, model: str) -> evaluation_pb2.Evaluation:
     with grpc.insecure_channel(target) as channel:
         stub = service_pb2_grpc.EvalStreamServiceStub(channel)
-        ref = evaluation_pb2.EvaluationRef(run="faults", model=model, split="validation", step=0)
+        ref = evaluation_pb2.EvaluationRef(run=RUN, model=model, split="validation", step=0)
         return stub.GetEvaluation(service_pb2.GetEvaluationRequest(ref=ref), timeout=30).evaluation
 
 
@@ -54,7 +59,7 @@ def _reopen(channel: grpc.Channel, model: str) -> tuple[LockStep, service_pb2.Sh
     for _ in range(100):
         s = LockStep(channel)
         try:
-            return s, s.send(open_request(model, NUM_CLASSES)).opened
+            return s, s.send(_open(model)).opened
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.ABORTED:
                 raise
@@ -92,7 +97,7 @@ def test_unwritable_store_refuses_chunks_keeps_commits_and_resumes(
     server.start()
     with grpc.insecure_channel(server.target) as channel:
         s = LockStep(channel)
-        s.send(open_request(model, NUM_CLASSES))
+        s.send(_open(model))
         for seq in range(4):
             assert s.send(chunks[seq]).ack.next_sequence == seq + 1
         resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
@@ -102,7 +107,7 @@ def test_unwritable_store_refuses_chunks_keeps_commits_and_resumes(
         assert (opened.next_sequence, opened.samples_committed) == (4, 160)
         _refused(s2.fails(chunks[4]), grpc.StatusCode.UNAVAILABLE, "cannot be written")
         # A new evaluation cannot even be opened (that is a write).
-        new = LockStep(channel).fails(open_request("fsize-new", NUM_CLASSES))
+        new = LockStep(channel).fails(_open("fsize-new"))
         _refused(new, grpc.StatusCode.UNAVAILABLE, "cannot be written")
         # Reads still work and show exactly what was acknowledged.
         assert _evaluation(server.target, model).num_samples == 160
@@ -156,7 +161,7 @@ def test_full_disk_refuses_chunks_with_resource_exhausted(tmp_path: Path, fault_
         server.start()
         with grpc.insecure_channel(server.target) as channel:
             s = LockStep(channel)
-            s.send(open_request(model, NUM_CLASSES))
+            s.send(_open(model))
             committed = 0
             error = None
             for seq, chunk in enumerate(chunks):
@@ -192,7 +197,7 @@ def test_read_only_store_serves_reads_refuses_writes_and_keeps_commits(
     server.start()
     with grpc.insecure_channel(server.target) as channel:
         s = LockStep(channel)
-        s.send(open_request(model, NUM_CLASSES))
+        s.send(_open(model))
         for seq in range(3):
             s.send(chunks[seq])
         s.cancel()
@@ -206,7 +211,7 @@ def test_read_only_store_serves_reads_refuses_writes_and_keeps_commits(
         assert _evaluation(server.target, model).num_samples == 120
         with grpc.insecure_channel(server.target) as channel:
             _refused(
-                LockStep(channel).fails(open_request(model, NUM_CLASSES)),
+                LockStep(channel).fails(_open(model)),
                 grpc.StatusCode.UNAVAILABLE,
                 "cannot be written",
             )

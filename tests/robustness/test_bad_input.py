@@ -8,6 +8,7 @@ import itertools
 
 import grpc
 import pytest
+from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import Records
@@ -19,7 +20,7 @@ from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 from .cases import CHUNK_CASES, OPEN_CASES, STREAM_CASES, ChunkCase, OpenCase, StreamCase
 from .conftest import NUM_CLASSES
-from .rawstream import RawStream, chunk_request, close_request, get_evaluation, good_batch, open_request
+from .rawstream import get_evaluation, good_batch
 
 ROWS = 8
 _models = itertools.count()
@@ -40,7 +41,7 @@ def _finish(channel: grpc.Channel, model: str, settings: Settings, good: list, w
     """Reopen every rank, add one more good chunk to rank 0, close all: the result is the good data's."""
     extra = good_batch(ROWS, NUM_CLASSES, seed=99)
     for rank in range(world_size):
-        s = RawStream(channel)
+        s = LockStep(channel)
         opened = s.send(open_request(model, NUM_CLASSES, rank=rank, world_size=world_size)).opened
         seq = opened.next_sequence
         if rank == 0:
@@ -60,7 +61,7 @@ def test_bad_chunk_is_rejected_in_band_and_changes_nothing(
     model = _model("chunk")
     good = [good_batch(ROWS, NUM_CLASSES, seed=1)]
     with grpc.insecure_channel(server.target) as channel:
-        s = RawStream(channel)
+        s = LockStep(channel)
         s.send(open_request(model, NUM_CLASSES))
         s.send(chunk_request(0, *good[0]))
         ack = s.send(case.build(1, good_batch(ROWS, NUM_CLASSES, seed=2))).ack
@@ -88,21 +89,21 @@ def test_bad_stream_request_ends_the_stream_with_a_specific_status(
     world = 2 if case.closed_first else 1
     with grpc.insecure_channel(server.target) as channel:
         # The evaluation the bad request targets: one committed chunk on rank 0.
-        s = RawStream(channel)
+        s = LockStep(channel)
         s.send(open_request(model, NUM_CLASSES, world_size=world))
         s.send(chunk_request(0, *good[0]))
         if case.closed_first:
             assert s.send(close_request(1)).closed.ranks_closed == 1
         if not case.opened:
             s.end()
-            s = RawStream(channel)
+            s = LockStep(channel)
         error = s.fails(case.build(1, good_batch(ROWS, NUM_CLASSES, seed=4)))
         assert error.code() == case.code, (error.code(), error.details())
         assert case.words in (error.details() or ""), error.details()
         evaluation = get_evaluation(channel, model)
         assert (evaluation.num_samples, evaluation.state) == (ROWS, evaluation_pb2.EVALUATION_STATE_OPEN)
         if case.closed_first:
-            s = RawStream(channel)
+            s = LockStep(channel)
             s.send(open_request(model, NUM_CLASSES, rank=1, world_size=2))
             s.send(close_request(0))
             s.end()
@@ -119,12 +120,12 @@ def test_bad_open_is_refused_and_creates_nothing(
     good = [good_batch(ROWS, NUM_CLASSES, seed=5)]
     with grpc.insecure_channel(server.target) as channel:
         stub = service_pb2_grpc.EvalStreamServiceStub(channel)
-        s = RawStream(channel)
+        s = LockStep(channel)
         s.send(open_request(model, NUM_CLASSES, world_size=2))
         s.send(chunk_request(0, *good[0]))
         s.end()
         before = len(stub.ListEvaluations(service_pb2.ListEvaluationsRequest(page_size=1000)).evaluations)
-        error = RawStream(channel).fails(case.build(model))
+        error = LockStep(channel).fails(case.build(model))
         assert error.code() == case.code, (error.code(), error.details())
         assert case.words in (error.details() or ""), error.details()
         after = len(stub.ListEvaluations(service_pb2.ListEvaluationsRequest(page_size=1000)).evaluations)

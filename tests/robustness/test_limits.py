@@ -16,11 +16,12 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.v1 import service_pb2
 
 from .conftest import ROOT
-from .rawstream import RawStream, chunk_request, close_request, get_evaluation, good_batch, open_request
+from .rawstream import get_evaluation, good_batch
 
 sys.path.insert(0, str(ROOT / "tests"))
 from faults.harness import ServerProcess
@@ -60,8 +61,8 @@ def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 def _opened_or_error(
     channel: grpc.Channel, model: str, rank: int, world: int
-) -> tuple[RawStream, grpc.RpcError | None]:
-    s = RawStream(channel)
+) -> tuple[LockStep, grpc.RpcError | None]:
+    s = LockStep(channel)
     try:
         s.send(open_request(model, 10, rank=rank, world_size=world))
         return s, None
@@ -94,7 +95,7 @@ def test_open_shards_per_connection_and_per_server(server: ServerProcess) -> Non
 
 def test_samples_per_evaluation(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as channel:
-        s = RawStream(channel)
+        s = LockStep(channel)
         s.send(open_request("cap", 10))
         committed = 0
         for seq in range(8):
@@ -163,7 +164,7 @@ def test_messages_over_the_limit_end_the_stream_without_growing_memory(roomy: Se
         with grpc.insecure_channel(
             roomy.target, options=[("grpc.max_send_message_length", 8 * MIB)]
         ) as channel:
-            s = RawStream(channel)
+            s = LockStep(channel)
             s.send(open_request(f"huge-{i}", 10))
             error = s.fails(big)
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error

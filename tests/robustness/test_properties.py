@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import ChunkError, Records
@@ -33,7 +34,7 @@ from evalstream.service.wire import ITEMSIZE, decode_chunk
 from evalstream.v1 import service_pb2, tensor_pb2
 
 from .conftest import MAX_CHUNK_ROWS, NUM_CLASSES
-from .rawstream import RawStream, chunk_request, close_request, get_evaluation, open_request
+from .rawstream import get_evaluation
 
 DT = tensor_pb2.DataType
 SCORE: set[int] = {DT.DATA_TYPE_FLOAT32, DT.DATA_TYPE_FLOAT16, DT.DATA_TYPE_BFLOAT16}
@@ -217,7 +218,7 @@ def test_generated_streams_commit_exactly_the_valid_chunks(
     accepted: list[service_pb2.Chunk] = []
     samples = 0
     with grpc.insecure_channel(server.target) as channel:
-        s = RawStream(channel)
+        s = LockStep(channel)
         s.send(open_request(model, NUM_CLASSES))
         for seq, spec in enumerate(specs):
             request, valid = _build(seq, spec, id_base=1000 * seq)

@@ -1,25 +1,21 @@
-"""Requests from numpy arrays, a lock-step shard driver over raw stubs, and the expected result.
-
-The driver sends one request and reads the answer, so every test sees exactly
-which acknowledgement belongs to which chunk.
-"""
+"""Requests from numpy arrays, a whole shard streamed over the lock-step driver
+(tests/support/lockstep.py), and the expected result."""
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from support import lockstep
+from support.lockstep import LockStep, close_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
-from evalstream.service.wire import encode_tensor
-from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+from evalstream.v1 import evaluation_pb2, service_pb2
 
 RUN, MODEL, SPLIT = "run-1", "model-a", "validation"
 
@@ -76,49 +72,14 @@ def open_request(
 
 
 def chunk_request(sequence: int, data: Data, with_ids: bool = True) -> service_pb2.StreamEvaluationRequest:
-    chunk = service_pb2.Chunk(
-        sequence=sequence, scores=encode_tensor(data.scores), labels=encode_tensor(data.labels)
-    )
-    if with_ids:
-        chunk.sample_ids.CopyFrom(encode_tensor(data.ids))
-    return service_pb2.StreamEvaluationRequest(chunk=chunk)
-
-
-def close_request(num_chunks: int) -> service_pb2.StreamEvaluationRequest:
-    return service_pb2.StreamEvaluationRequest(close=service_pb2.CloseShard(num_chunks=num_chunks))
-
-
-class ShardStream:
-    """One StreamEvaluation call driven request by request."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._requests: queue.SimpleQueue[service_pb2.StreamEvaluationRequest | None] = queue.SimpleQueue()
-        stub = service_pb2_grpc.EvalStreamServiceStub(channel)
-        self.call = stub.StreamEvaluation(iter(self._requests.get, None))
-        self._responses: Iterator[service_pb2.StreamEvaluationResponse] = self.call
-
-    def send(self, request: service_pb2.StreamEvaluationRequest) -> service_pb2.StreamEvaluationResponse:
-        self._requests.put(request)
-        return next(self._responses)
-
-    def end(self) -> None:
-        self._requests.put(None)
-
-    def error(self, request: service_pb2.StreamEvaluationRequest) -> grpc.RpcError:
-        """Send a request the server must answer by ending the stream; return that error."""
-        self._requests.put(request)
-        try:
-            response = next(self._responses)
-        except grpc.RpcError as exc:
-            return exc
-        raise AssertionError(f"expected the stream to fail, got {response}")
+    return lockstep.chunk_request(sequence, data.scores, data.labels, data.ids if with_ids else None)
 
 
 def stream_shard(
     channel: grpc.Channel, rank: int, world_size: int, data: Data, rows: int, num_classes: int, step: int = 0
 ) -> service_pb2.ShardSummary:
     """Open, send ``data`` in chunks of ``rows``, close; check every acknowledgement on the way."""
-    s = ShardStream(channel)
+    s = LockStep(channel)
     opened = s.send(open_request(rank, world_size, num_classes, step)).opened
     assert opened.next_sequence == 0
     seq = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from support.lockstep import LockStep
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
@@ -19,7 +20,6 @@ from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc, tensor_
 from .conftest import NUM_CLASSES, small_settings
 from .helpers import (
     Data,
-    ShardStream,
     chunk_request,
     close_request,
     expected_result,
@@ -29,7 +29,7 @@ from .helpers import (
 )
 
 
-def _finish_and_check(stream: ShardStream, channel: grpc.Channel, settings: Settings, next_seq: int) -> None:
+def _finish_and_check(stream: LockStep, channel: grpc.Channel, settings: Settings, next_seq: int) -> None:
     """Stream good data after the bad requests; the result must be the engine's on the good data only."""
     good = make_data(60, NUM_CLASSES, seed=42, id_offset=500)
     ack = stream.send(chunk_request(next_seq, good)).ack
@@ -76,7 +76,7 @@ def test_bad_chunks_are_rejected_in_band_and_change_nothing(
     channel: grpc.Channel, settings: Settings
 ) -> None:
     data = make_data(20, NUM_CLASSES, seed=1)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     s.send(open_request())
     bad = _bad_chunks(data)
     for seq, (reason, request) in enumerate(bad):
@@ -95,7 +95,7 @@ def test_bad_chunks_are_rejected_in_band_and_change_nothing(
 def test_chunk_too_large_and_evaluation_too_large(tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = small_settings(tmp_path / "d", max_chunk_rows=64, max_samples_per_evaluation=100)
     with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.target) as channel:
-        s = ShardStream(channel)
+        s = LockStep(channel)
         s.send(open_request())
         ack = s.send(chunk_request(0, make_data(65, NUM_CLASSES))).ack
         assert (ack.rejection.reason, ack.rejection.code) == ("chunk_too_large", "RESOURCE_EXHAUSTED")
@@ -111,9 +111,9 @@ def test_chunk_too_large_and_evaluation_too_large(tmp_path) -> None:  # type: ig
 def test_message_over_the_size_limit_ends_the_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = small_settings(tmp_path / "d", max_message_bytes=64 * 1024)
     with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.target) as channel:
-        s = ShardStream(channel)
+        s = LockStep(channel)
         s.send(open_request())
-        error = s.error(chunk_request(0, make_data(400, NUM_CLASSES)))  # 80 KB of scores
+        error = s.fails(chunk_request(0, make_data(400, NUM_CLASSES)))  # 80 KB of scores
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -138,9 +138,9 @@ def test_message_over_the_size_limit_ends_the_stream(tmp_path) -> None:  # type:
 def test_open_disagreeing_with_the_open_shard(
     channel: grpc.Channel, settings: Settings, first: dict, second: dict, code: grpc.StatusCode, hint: str
 ) -> None:
-    holder = ShardStream(channel)
+    holder = LockStep(channel)
     holder.send(open_request(**first))
-    error = ShardStream(channel).error(open_request(**second))
+    error = LockStep(channel).fails(open_request(**second))
     assert error.code() == code
     assert hint in (error.details() or "")
     # The holder is unaffected and can finish (world size 2: close rank 1 too).
@@ -168,7 +168,7 @@ def test_open_disagreeing_with_the_open_shard(
 def test_protocol_violations_end_the_stream(
     channel: grpc.Channel, request_: service_pb2.StreamEvaluationRequest, code: grpc.StatusCode, hint: str
 ) -> None:
-    error = ShardStream(channel).error(request_)
+    error = LockStep(channel).fails(request_)
     assert error.code() == code
     assert hint in (error.details() or "")
     stub = service_pb2_grpc.EvalStreamServiceStub(channel)
@@ -179,18 +179,18 @@ def test_sequence_gap_and_close_count_end_the_stream_without_losing_commits(
     channel: grpc.Channel, settings: Settings
 ) -> None:
     data = make_data(40, NUM_CLASSES, seed=2)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     s.send(open_request())
     s.send(chunk_request(0, data))
-    error = s.error(chunk_request(2, data))
+    error = s.fails(chunk_request(2, data))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "resend from 1" in (error.details() or "")
-    s2 = ShardStream(channel)
+    s2 = LockStep(channel)
     assert s2.send(open_request()).opened.samples_committed == 40
-    error = s2.error(close_request(5))
+    error = s2.fails(close_request(5))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "has 1 committed" in (error.details() or "")
-    s3 = ShardStream(channel)
+    s3 = LockStep(channel)
     assert s3.send(open_request()).opened.next_sequence == 1
     ack = s3.send(chunk_request(1, make_data(60, NUM_CLASSES, seed=42, id_offset=500))).ack
     assert ack.samples_committed == 100
@@ -222,10 +222,10 @@ def test_unknown_evaluations_are_not_found_and_bad_metrics_invalid(channel: grpc
 def test_open_shard_limits(tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = small_settings(tmp_path / "d", max_open_shards=2)
     with BackgroundServer(settings) as srv, grpc.insecure_channel(srv.target) as channel:
-        held = [ShardStream(channel) for _ in range(2)]
+        held = [LockStep(channel) for _ in range(2)]
         for rank, s in enumerate(held):
             s.send(open_request(rank=rank, world_size=3))
-        error = ShardStream(channel).error(open_request(rank=2, world_size=3))
+        error = LockStep(channel).fails(open_request(rank=2, world_size=3))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_open_shards=2" in (error.details() or "")
         for s in held:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.lockstep import LockStep
 
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
@@ -24,7 +25,6 @@ from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 from .conftest import NUM_CLASSES, small_settings
 from .helpers import (
-    ShardStream,
     chunk_request,
     close_request,
     concat,
@@ -109,18 +109,18 @@ def test_sigkill_mid_stream_loses_no_committed_chunk_and_the_client_resumes(
     first = ServerProcess(config)
     processes.append(first)
     with grpc.insecure_channel(first.target) as channel:
-        s = ShardStream(channel)
+        s = LockStep(channel)
         s.send(open_request(rank=0, world_size=2))
         for seq in range(5):
             assert s.send(chunk_request(seq, chunks[seq])).ack.next_sequence == seq + 1
-        s._requests.put(chunk_request(5, chunks[5]))  # in flight when the server dies
+        s.post(chunk_request(5, chunks[5]))  # in flight when the server dies
         first.kill()
         s.end()
 
     second = ServerProcess(config)
     processes.append(second)
     with grpc.insecure_channel(second.target) as channel:
-        s = ShardStream(channel)
+        s = LockStep(channel)
         opened = s.send(open_request(rank=0, world_size=2)).opened
         assert opened.next_sequence in (5, 6)  # chunk 5 may or may not have committed; 0-4 did
         assert opened.samples_committed == 50 * opened.next_sequence
@@ -128,7 +128,7 @@ def test_sigkill_mid_stream_loses_no_committed_chunk_and_the_client_resumes(
             assert s.send(chunk_request(seq, chunks[seq])).ack.next_sequence == seq + 1
         assert s.send(close_request(len(chunks))).closed.samples == 400
         s.end()
-        s1 = ShardStream(channel)
+        s1 = LockStep(channel)
         s1.send(open_request(rank=1, world_size=2))
         s1.send(chunk_request(0, rank1))
         assert s1.send(close_request(1)).closed.finalized

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from support.lockstep import LockStep
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
@@ -11,7 +12,6 @@ from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 from .conftest import NUM_CLASSES, small_settings
 from .helpers import (
-    ShardStream,
     chunk_request,
     close_request,
     concat,
@@ -51,7 +51,7 @@ def test_retried_chunks_are_acknowledged_and_not_counted_again(
     channel: grpc.Channel, settings: Settings
 ) -> None:
     data = make_data(200, NUM_CLASSES, seed=5)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     assert s.send(open_request()).opened.next_sequence == 0
     first = s.send(chunk_request(0, data.part(0, 100))).ack
     second = s.send(chunk_request(1, data.part(100, 200))).ack
@@ -72,7 +72,7 @@ def test_reopen_tells_the_resume_point_and_streaming_continues(
     channel: grpc.Channel, settings: Settings
 ) -> None:
     data = make_data(300, NUM_CLASSES, seed=6)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     s.send(open_request(rank=1, world_size=2))
     for seq in range(2):
         s.send(chunk_request(seq, data.part(100 * seq, 100 * seq + 100)))
@@ -80,7 +80,7 @@ def test_reopen_tells_the_resume_point_and_streaming_continues(
 
     # The old stream's lease is released once the server notices the cancellation.
     for _ in range(100):
-        resumed = ShardStream(channel)
+        resumed = LockStep(channel)
         try:
             opened = resumed.send(open_request(rank=1, world_size=2)).opened
             break
@@ -94,13 +94,13 @@ def test_reopen_tells_the_resume_point_and_streaming_continues(
     assert closed.samples == 300 and not closed.finalized and closed.ranks_closed == 1
 
     # Reopening a closed shard says so and accepts nothing more.
-    again = ShardStream(channel)
+    again = LockStep(channel)
     opened = again.send(open_request(rank=1, world_size=2)).opened
     assert opened.already_closed and opened.next_sequence == 3
     again.end()
 
     other = make_data(50, NUM_CLASSES, seed=7, id_offset=1000)
-    s0 = ShardStream(channel)
+    s0 = LockStep(channel)
     s0.send(open_request(rank=0, world_size=2))
     s0.send(chunk_request(0, other))
     assert s0.send(close_request(1)).closed.finalized
@@ -113,7 +113,7 @@ def test_reopen_tells_the_resume_point_and_streaming_continues(
 def test_explicit_finalize_stops_accepting_chunks_from_open_ranks(channel: grpc.Channel) -> None:
     stub = service_pb2_grpc.EvalStreamServiceStub(channel)
     data = make_data(120, NUM_CLASSES, seed=8)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     s.send(open_request(rank=0, world_size=3))
     s.send(chunk_request(0, data.part(0, 60)))
     response = stub.FinalizeEvaluation(service_pb2.FinalizeEvaluationRequest(key=key()))
@@ -121,7 +121,7 @@ def test_explicit_finalize_stops_accepting_chunks_from_open_ranks(channel: grpc.
     assert response.evaluation.result.num_samples == 60
     again = stub.FinalizeEvaluation(service_pb2.FinalizeEvaluationRequest(key=key()))
     assert again.evaluation.finalized_at == response.evaluation.finalized_at
-    error = s.error(chunk_request(1, data.part(60, 120)))
+    error = s.fails(chunk_request(1, data.part(60, 120)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "finalized" in (error.details() or "")
     assert _get(channel).result.num_samples == 60
@@ -133,7 +133,7 @@ def test_half_precision_scores_and_duplicate_sample_ids(channel: grpc.Channel, s
     from evalstream.service.wire import encode_tensor
 
     data = make_data(80, NUM_CLASSES, seed=9)
-    s = ShardStream(channel)
+    s = LockStep(channel)
     s.send(open_request())
     half = chunk_request(0, data.part(0, 40))
     half.chunk.scores.CopyFrom(encode_tensor(data.scores[:40].astype("float16")))
@@ -166,7 +166,7 @@ def test_three_thousand_classes_two_ranks(tmp_path) -> None:  # type: ignore[no-
 def test_list_is_newest_first_and_paginated(channel: grpc.Channel, page_size: int) -> None:
     data = make_data(30, NUM_CLASSES, seed=10)
     for step in (1, 2, 3):
-        s = ShardStream(channel)
+        s = LockStep(channel)
         s.send(open_request(step=step))
         s.send(chunk_request(0, data))
         s.send(close_request(1))
