@@ -53,10 +53,6 @@ class PowerPlan:
     def needs_quarter(self) -> bool:
         return 0.25 in self.bases
 
-    @property
-    def needs_square(self) -> bool:
-        return 2.0 in self.bases
-
 
 def plan(inverse_temperatures: tuple[float, ...]) -> PowerPlan:
     """Choose the cheapest way to get each grid point's row sum of p ** a."""
