@@ -1,4 +1,5 @@
-"""The benchmark harness: repeat a callable, median and spread, ratios, JSON results, a short table.
+"""The benchmark harness: repeat a callable, median and spread, ratios, JSON results, a short table,
+and the server in its own process that the end-to-end benchmarks stream into.
 
 Medians resist the noise of a shared machine; the spread (min, max and the
 interquartile range) says how much to trust them. Every result file records
@@ -8,14 +9,20 @@ the machine and thread settings it was measured under.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -116,3 +123,88 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def _proc_status_bytes(pid: int, key: str) -> int:
+    """A memory line (``VmRSS``, ``VmHWM``) of a live process's /proc status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS (resident set now) of a live process."""
+    return _proc_status_bytes(pid, "VmRSS")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (peak resident set) of a live process."""
+    return _proc_status_bytes(pid, "VmHWM")
+
+
+def _serve(data_dir: str, overrides: dict[str, Any], ready: Any, stop: Any) -> None:
+    """Child process: the real server with default settings, until ``stop`` is set."""
+    from evalstream.service.server import BackgroundServer
+    from evalstream.service.settings import Settings
+
+    settings = Settings.load(
+        env={},
+        data_dir=data_dir,
+        grpc_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
+        device="cpu",
+        **overrides,
+    )
+    with BackgroundServer(settings) as server:
+        ready.put((server.target, server.metrics_target))
+        stop.wait()
+
+
+class ServerProcess:
+    """The evalstream server in its own process, on loopback, with a throwaway data directory."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory(prefix="evalstream-bench-")
+        self.data_dir = Path(self._tmp.name)
+        self._stop = self._ctx.Event()
+        ready = self._ctx.Queue()
+        self.process = self._ctx.Process(
+            target=_serve, args=(str(self.data_dir), overrides, ready, self._stop), daemon=True
+        )
+        self.process.start()
+        self.target, self.metrics_target = ready.get(timeout=120)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes(self.pid)
+
+    def metric(self, name: str) -> float:
+        """One sample of the server's own Prometheus metrics (e.g. the engine's total seconds)."""
+        with urllib.request.urlopen(f"http://{self.metrics_target}/metrics", timeout=10) as reply:
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if sample.name == name and not sample.labels:
+                        return float(sample.value)
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

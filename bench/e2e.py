@@ -23,41 +23,18 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from . import transport
-from .common import table, write_json
+from .common import ServerProcess, table, write_json
 
 C = 3000
 BATCH = 4096
 MIB = 1 << 20
 ENGINE_SECONDS = "evalstream_chunk_compute_seconds_sum"
-
-
-def _serve(data_dir: str, overrides: dict[str, Any], ready: Any, stop: Any) -> None:
-    """Child process: the real server with default settings, until ``stop`` is set."""
-    from evalstream.service.server import BackgroundServer
-    from evalstream.service.settings import Settings
-
-    settings = Settings.load(
-        env={},
-        data_dir=data_dir,
-        grpc_address="127.0.0.1:0",
-        metrics_address="127.0.0.1:0",
-        device="cpu",
-        **overrides,
-    )
-    with BackgroundServer(settings) as server:
-        ready.put((server.target, server.metrics_target))
-        stop.wait()
 
 
 def _cpu_seconds() -> float:
@@ -70,63 +47,6 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of another process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM (peak resident set) of a live process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
-
-
-class ServerProcess:
-    """The evalstream server in its own process, on loopback, with a throwaway data directory."""
-
-    def __init__(self, **overrides: Any) -> None:
-        self._ctx = mp.get_context("spawn")
-        self._tmp = tempfile.TemporaryDirectory(prefix="evalstream-bench-")
-        self.data_dir = Path(self._tmp.name)
-        self._stop = self._ctx.Event()
-        ready = self._ctx.Queue()
-        self.process = self._ctx.Process(
-            target=_serve, args=(str(self.data_dir), overrides, ready, self._stop), daemon=True
-        )
-        self.process.start()
-        self.target, self.metrics_target = ready.get(timeout=120)
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
-
-    def peak_rss(self) -> int:
-        return peak_rss_bytes(self.pid)
-
-    def metric(self, name: str) -> float:
-        """One sample of the server's own Prometheus metrics (e.g. the engine's total seconds)."""
-        with urllib.request.urlopen(f"http://{self.metrics_target}/metrics", timeout=10) as reply:
-            for family in text_string_to_metric_families(reply.read().decode()):
-                for sample in family.samples:
-                    if sample.name == name and not sample.labels:
-                        return float(sample.value)
-        raise KeyError(name)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.process.join(30)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        self._tmp.cleanup()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

@@ -24,81 +24,16 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .common import table, write_json
+from .common import ServerProcess, peak_rss_bytes, table, write_json
 
 C = 3000
 STARVATION_FACTOR = 3.0
-
-
-class ServerProcess:
-    """``python -m evalstream.service.server`` on a free loopback port with a throwaway data directory."""
-
-    def __init__(self, **settings: Any) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="evalstream-load-")
-        work = Path(self._tmp.name)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.target = f"127.0.0.1:{port}"
-        values = {
-            "data_dir": str(work / "data"),
-            "grpc_address": self.target,
-            "metrics_address": "",
-            "device": "cpu",
-            **settings,
-        }
-        config = work / "evalstream.toml"
-        config.write_text(
-            "".join(f"{k} = {v!r}\n" if isinstance(v, str) else f"{k} = {v}\n" for k, v in values.items())
-        )
-        self._log = work / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EVALSTREAM_")}
-        with open(self._log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "evalstream.service.server", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + 120
-        while b"evalstream serving" not in self._log.read_bytes():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"server did not start:\n{self._log.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._tmp.cleanup()
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM (peak resident set) of a live process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
 @dataclass

@@ -19,17 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import table, write_json
-from .e2e import BATCH, C, Ranks, ServerProcess
+from .common import ServerProcess, rss_bytes, table, write_json
+from .e2e import BATCH, C, Ranks
 
 MIB = 1 << 20
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def _tree_bytes(path: Path, pattern: str) -> int:
@@ -59,13 +52,13 @@ def run(samples: int, ranks: int, dtype: str) -> dict[str, Any]:
         pool = Ranks(server, ranks)
         try:
             pool.run(0, dtype, BATCH * ranks)  # warm-up evaluation: connections, reducers, staging
-            idle_rss = _rss(server.pid)
+            idle_rss = rss_bytes(server.pid)
             trace: list[tuple[float, int]] = []
             done = threading.Event()
 
             def sample() -> None:
                 while not done.is_set():
-                    trace.append((time.perf_counter(), _rss(server.pid)))
+                    trace.append((time.perf_counter(), rss_bytes(server.pid)))
                     time.sleep(0.1)
 
             sampler = threading.Thread(target=sample, daemon=True)
