@@ -15,18 +15,17 @@ Run: ``python -m bench.transport [--seconds 3] [--sizes 262144,1048576,4194304,1
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import table, write_json
+
 RAW_METHOD = "/bench.Transport/Sink"
 PROTO_METHOD = "/bench.Transport/SinkProto"
 C = 3000  # bytes per sample at float32 = 12,000
@@ -138,7 +137,17 @@ def run(sizes: list[int], seconds: float, repeats: int) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.join(5)
-    return {"benchmark": "transport", "seconds_per_run": seconds, "rows": rows}
+    return {"seconds_per_run": seconds, "rows": rows}
+
+
+COLUMNS = [
+    "form",
+    "message_bytes",
+    "gb_per_s_median",
+    "gb_per_s_min",
+    "gb_per_s_max",
+    "samples_per_s_c3000_f32",
+]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -148,14 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sizes", default="262144,1048576,4194304,16777216")
     args = ap.parse_args(argv)
     result = run([int(s) for s in args.sizes.split(",")], args.seconds, args.repeats)
-    print(f"{'form':<6} {'message':>10} {'GB/s med':>9} {'min':>6} {'max':>6} {'samples/s @C=3000 f32':>22}")
-    for r in result["rows"]:
-        print(
-            f"{r['form']:<6} {r['message_bytes'] / 2**20:>8.2f}Mi {r['gb_per_s_median']:>9.2f} "
-            f"{r['gb_per_s_min']:>6.2f} {r['gb_per_s_max']:>6.2f} {r['samples_per_s_c3000_f32']:>22,.0f}"
-        )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "transport.json").write_text(json.dumps(result, indent=2))
+    print(table(result["rows"], COLUMNS))
+    write_json("transport", result)
     return result
 
 
