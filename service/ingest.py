@@ -715,6 +715,11 @@ class Coordinator:
                 await self.finalize(row.evaluation_id)
             except ServiceError as exc:
                 log.warning("could not finalize %s after restart: %s", _name(row.key), exc.message)
+        keep = self.settings.retention_keep_latest
+        if keep > 0:
+            dropped = await self._in_io(self.store.apply_retention, keep)
+            if dropped:
+                log.info("retention (keep latest %d): dropped records of %d evaluations", keep, len(dropped))
 
     # -- views and shutdown -------------------------------------------------------------------
 

@@ -211,6 +211,14 @@ class Store(ABC):
         """Store the result and merged records, mark finalized, drop chunk rows, apply retention."""
 
     @abstractmethod
+    def apply_retention(self, keep_latest: int) -> list[str]:
+        """Drop records past retention in every series (not only the one just finalized); their ids.
+
+        Needed at start: a lowered ``retention_keep_latest`` must not wait for
+        each series' next finalize to take effect.
+        """
+
+    @abstractmethod
     def get(self, evaluation_id: str) -> EvaluationRow | None: ...
 
     @abstractmethod

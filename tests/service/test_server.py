@@ -90,6 +90,24 @@ def test_pin_and_retention_through_the_api(tmp_path: Path) -> None:
     assert by_step[1].state == evaluation_pb2.EVALUATION_STATE_FINALIZED
 
 
+def test_lowered_retention_applies_at_restart(tmp_path: Path) -> None:
+    data = make_data(40, NUM_CLASSES, seed=5)
+    with (
+        BackgroundServer(small_settings(tmp_path / "d", retention_keep_latest=5)) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        for step in range(3):
+            _stream_one(channel, data, step=step)
+    with (
+        BackgroundServer(small_settings(tmp_path / "d", retention_keep_latest=1)) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        stub = service_pb2_grpc.EvalStreamServiceStub(channel)
+        listed = stub.ListEvaluations(service_pb2.ListEvaluationsRequest(run="run-1")).evaluations
+    assert {e.key.step: e.records_available for e in listed} == {0: False, 1: False, 2: True}
+    assert all(e.result.metrics["nll"] > 0 for e in listed)  # metrics stay
+
+
 def test_compare_models_ranks_stored_evaluations(channel: grpc.Channel) -> None:
     good = make_data(120, NUM_CLASSES, seed=4)
     worse = Data(good.scores * 0.3, good.labels, good.ids)  # same samples, less confident
