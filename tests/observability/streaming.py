@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from evalstream.service.wire import encode_tensor
+from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -48,21 +49,16 @@ def make_data(seed: int, n: int, num_classes: int, strength: float, scale: float
     return Data((scores * scale).astype(np.float32), labels)
 
 
-def _tensor(a: npt.NDArray[np.generic]) -> tensor_pb2.Tensor:
-    dtype = {
-        np.dtype(np.float32): tensor_pb2.DATA_TYPE_FLOAT32,
-        np.dtype(np.int64): tensor_pb2.DATA_TYPE_INT64,
-    }
-    return tensor_pb2.Tensor(dtype=dtype[a.dtype], shape=list(a.shape), raw_contents=a.tobytes())
-
-
 def chunk(
     seq: int, scores: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], first_id: int
 ) -> service_pb2.StreamEvaluationRequest:
     ids = np.arange(first_id, first_id + len(labels), dtype=np.int64)
     return service_pb2.StreamEvaluationRequest(
         chunk=service_pb2.Chunk(
-            sequence=seq, scores=_tensor(scores), labels=_tensor(labels), sample_ids=_tensor(ids)
+            sequence=seq,
+            scores=encode_tensor(scores),
+            labels=encode_tensor(labels),
+            sample_ids=encode_tensor(ids),
         )
     )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import small_settings
 
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
@@ -32,7 +32,6 @@ from .streaming import Data, make_data, stream_shard
 pytestmark = pytest.mark.timeout(240)
 
 server_mod = pytest.importorskip("evalstream.service.server")
-settings_mod = pytest.importorskip("evalstream.service.settings")
 
 RUN, SPLIT, CLASSES = "resnet-imbalanced", "validation", 3000
 MODELS = {"baseline": (11, 1.5, 1.0), "candidate": (12, 2.5, 1.6)}  # seed, signal strength, logit scale
@@ -49,15 +48,7 @@ class Scenario:
 
 
 def start_server(data_dir: Path, **overrides: Any) -> Any:
-    settings = settings_mod.Settings.load(
-        env={},
-        grpc_address="127.0.0.1:0",
-        metrics_address="127.0.0.1:0",
-        data_dir=str(data_dir),
-        device="cpu",
-        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
-        **overrides,
-    )
+    settings = small_settings(data_dir, metrics_address="127.0.0.1:0", **overrides)
     return server_mod.BackgroundServer(settings).start()
 
 

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import small_settings
 
 from evalstream.v1 import evaluation_pb2, service_pb2_grpc
 
 from .streaming import make_data, stream_shard
 
 server_mod = pytest.importorskip("evalstream.service.server")
-settings_mod = pytest.importorskip("evalstream.service.settings")
 
 
 def start(data_dir: Path, **overrides: object) -> object:
-    settings = settings_mod.Settings.load(
-        env={},
-        grpc_address="127.0.0.1:0",
-        metrics_address="127.0.0.1:0",
-        data_dir=str(data_dir),
-        device="cpu",
-        engine_backend=os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager"),
-        **overrides,
-    )
+    settings = small_settings(data_dir, metrics_address="127.0.0.1:0", **overrides)
     return server_mod.BackgroundServer(settings).start()
 
 
