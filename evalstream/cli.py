@@ -174,17 +174,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
             bootstrap_replicates=args.replicates,
             seed=args.seed,
         )
-        # Keyed by evaluation id, as compare_view expects (two candidates may share a model name).
-        evaluations = {
-            c.evaluation_id: client.get(c.ref.run, c.ref.model, step=c.ref.step, split=c.ref.split)
-            for c in response.candidates
-        }
+        # Only the plot reads the candidates' evaluations, keyed by evaluation id as compare_view
+        # expects (two candidates may share a model name).
+        evaluations = (
+            {
+                c.evaluation_id: client.get(c.ref.run, c.ref.model, step=c.ref.step, split=c.ref.split)
+                for c in response.candidates
+            }
+            if args.plot
+            else {}
+        )
     if args.json:
         _print_json(_to_dict(response))
     else:
         from evalstream.client.compare_view import render_comparison
 
-        print(render_comparison(response, evaluations))
+        print(render_comparison(response))
     if args.plot:
         from evalstream.client.compare_view import plot_comparison
 
