@@ -1,4 +1,5 @@
-"""Fault-test plumbing: the slow switch and the tally of fault schedules printed after the run.
+"""Fault-test plumbing: one server per module, the slow switch, and the tally of fault schedules
+printed after the run.
 
 Longer schedules (``@pytest.mark.slow``) run only with EVALSTREAM_SLOW_TESTS=1, so
 CI stays within minutes. Every scenario records the faults it actually injected;
@@ -9,11 +10,13 @@ ended with the engine's exact result (a failing one fails its test instead).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pytest
+
+from .harness import ServerProcess
 
 SLOW = os.environ.get("EVALSTREAM_SLOW_TESTS", "") not in ("", "0")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +43,17 @@ _LOG = FaultLog()
 @pytest.fixture
 def fault_log() -> FaultLog:
     return _LOG
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
+    """One started server per test module (a module wanting a fresh, unstarted one per test has its own)."""
+    srv = ServerProcess(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    srv.start()
+    yield srv
+    srv.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ BATCHES = 12
 ROWS = 40
 PACE_S = 0.05
 TESTS_DIR = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("client-crash"))
-    srv.start()
-    yield srv
-    srv.close()
 
 
 def _rank_process(server: ServerProcess, model: str, seed: int) -> subprocess.Popen[str]:

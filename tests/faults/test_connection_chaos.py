@@ -10,7 +10,6 @@ and must be recognised. The server is one real process for the whole module.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -36,14 +35,6 @@ BATCHES = 12
 ROWS = 40  # 8 KB of scores a chunk
 PACE_S = 0.03
 FAST = RetryPolicy(max_attempts=100, initial_backoff_s=0.02, max_backoff_s=0.3)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("chaos"))
-    srv.start()
-    yield srv
-    srv.close()
 
 
 def _schedule(

@@ -14,7 +14,6 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -32,14 +31,6 @@ NUM_CLASSES = 50
 BATCHES = 16
 ROWS = 30
 CONTENDERS = 4
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("contention"))
-    srv.start()
-    yield srv
-    srv.close()
 
 
 @dataclass
