@@ -229,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from evalstream.client.compare_view import render_comparison
 
-        print(render_demo(result, render_comparison(result.comparison, result.evaluations)))
+        print(render_demo(result, render_comparison(result.comparison)))
     if args.plot:
         from evalstream.client.compare_view import plot_comparison
 
