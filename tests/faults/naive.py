@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+from support.lockstep import chunk_request
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 
 from .workload import Batch, RankRun
@@ -32,12 +32,7 @@ class NaiveStats:
 
 
 def chunk_requests(batches: Sequence[Batch]) -> list[service_pb2.StreamEvaluationRequest]:
-    return [
-        service_pb2.StreamEvaluationRequest(
-            chunk=service_pb2.Chunk(sequence=seq, scores=encode_tensor(s), labels=encode_tensor(y))
-        )
-        for seq, (s, y) in enumerate(batches)
-    ]
+    return [chunk_request(seq, s, y) for seq, (s, y) in enumerate(batches)]
 
 
 def naive_rank(
