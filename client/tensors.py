@@ -1,10 +1,10 @@
 """Host copies of scores, labels and sample ids, and their raw-bytes wire form.
 
-``add()`` runs on the training loop's thread, so it only takes a host copy
-(for a CUDA tensor: an asynchronous copy into a reused pinned buffer, recorded
-with an event) and returns. Everything that costs per byte afterwards — waiting
-for the copy, slicing into chunk-sized messages, ``tobytes`` — runs on the
-sender thread through :meth:`HostBatch.ready` and :func:`encode_chunk`.
+``add()`` runs on the training loop's thread. Host data is encoded into chunk
+requests there by :func:`encode_chunk_bytes` (one copy of the rows); a CUDA
+tensor only gets an asynchronous copy into a reused pinned buffer, recorded
+with an event, and the sender thread waits for it (:meth:`HostBatch.ready`)
+and encodes it.
 
 torch is never imported here: an input can only be a torch tensor if the
 caller has imported torch already, so numpy users and the read-only CLI do
