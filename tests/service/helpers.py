@@ -12,7 +12,7 @@ from support import lockstep
 from support.lockstep import LockStep, close_request
 
 from evalstream.service.convert import result_from_report
-from evalstream.service.engine import EngineConfig, Records
+from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.v1 import evaluation_pb2, service_pb2
@@ -126,6 +126,3 @@ def concat(parts: list[Data]) -> Data:
         np.concatenate([p.labels for p in parts]),
         np.concatenate([p.ids for p in parts]),
     )
-
-
-__all__ = ["Records"]
