@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is installed on its own, pinned, so pip never reaches for a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: serve test lint typecheck unit proto bench demo clean
+.PHONY: serve test lint typecheck package unit proto bench demo clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,13 +34,16 @@ lint: evalstream/v1/service_pb2.py
 	cd proto && ../$(BIN)/buf lint
 
 typecheck: evalstream/v1/service_pb2.py
-	$(BIN)/mypy
+	$(BIN)/python tools/typecheck.py
+
+package: evalstream/v1/service_pb2.py
+	PY=$(BIN)/python tools/check_package.sh
 
 unit: evalstream/v1/service_pb2.py
 	tools/ensure_prometheus.sh
 	$(BIN)/python -m pytest -q -rs
 
-test: lint typecheck unit
+test: lint typecheck package unit
 
 bench: evalstream/v1/service_pb2.py
 	$(BIN)/python -m bench

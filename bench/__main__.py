@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from . import BENCHMARKS
+from bench import BENCHMARKS
 
 
 def main(argv: list[str]) -> int:

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import measure, table, write_json
 from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
 from evalstream.service.compare.bootstrap import paired_bootstrap
 from evalstream.service.compare.statistics import statistic_for
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
-
-from .common import measure, table, write_json
 
 C = 3000
 CONFIG = EngineConfig(device="cpu")

@@ -17,8 +17,8 @@ import statistics
 import time
 from typing import Any
 
-from .common import ServerProcess, table, write_json
-from .e2e import BATCH, C, make_batches
+from bench.common import ServerProcess, table, write_json
+from bench.e2e import BATCH, C, make_batches
 
 
 def _metrics() -> tuple[list[Any], Any]:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import transport
-from .common import ServerProcess, table, write_json
+from bench import transport
+from bench.common import ServerProcess, table, write_json
 
 C = 3000
 BATCH = 4096

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.common import measure, ratio, table, write_json
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
-
-from .common import measure, ratio, table, write_json
 
 C = 3000
 SETTINGS = {

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .common import ServerProcess, peak_rss_bytes, table, write_json
+from bench.common import ServerProcess, peak_rss_bytes, table, write_json
 
 C = 3000
 STARVATION_FACTOR = 3.0

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import ServerProcess, rss_bytes, table, write_json
-from .e2e import BATCH, C, Ranks
+from bench.common import ServerProcess, rss_bytes, table, write_json
+from bench.e2e import BATCH, C, Ranks
 
 MIB = 1 << 20
 

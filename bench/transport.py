@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from .common import table, write_json
+from bench.common import table, write_json
 
 RAW_METHOD = "/bench.Transport/Sink"
 PROTO_METHOD = "/bench.Transport/SinkProto"

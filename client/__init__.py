@@ -13,10 +13,17 @@ Quick start::
             print(ev.result(timeout=120).result.metrics["nll"])
 """
 
-from .client import DEFAULT_TARGET, EvalClient
-from .errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
-from .stream import EvaluationStream, StreamStats
-from .transport import RetryPolicy, TLSConfig
+if __name__ != "evalstream.client":  # pragma: no cover - only a wrong sys.path gets here
+    raise ImportError(
+        f"this folder is the package evalstream.client; import it by that name, not as {__name__!r} "
+        "(install the project with `pip install -e .`, or run `make test`)"
+    )
+
+
+from evalstream.client.client import DEFAULT_TARGET, EvalClient
+from evalstream.client.errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
+from evalstream.client.stream import EvaluationStream, StreamStats
+from evalstream.client.transport import RetryPolicy, TLSConfig
 
 __all__ = [
     "DEFAULT_TARGET",

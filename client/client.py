@@ -14,12 +14,18 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 
+from evalstream.client.errors import EvalStreamError, EvaluationTimeout
+from evalstream.client.stream import EvaluationStream, OnRejection, StreamOptions
+from evalstream.client.tensors import HostPool, PinnedPool
+from evalstream.client.transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MIB,
+    RetryPolicy,
+    TLSConfig,
+    call_with_retry,
+    make_channel,
+)
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .errors import EvalStreamError, EvaluationTimeout
-from .stream import EvaluationStream, OnRejection, StreamOptions
-from .tensors import HostPool, PinnedPool
-from .transport import DEFAULT_MAX_MESSAGE_BYTES, MIB, RetryPolicy, TLSConfig, call_with_retry, make_channel
 
 DEFAULT_TARGET = "localhost:50051"
 T = TypeVar("T")

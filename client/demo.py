@@ -15,12 +15,11 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from evalstream.client.client import EvalClient
+from evalstream.client.render import ProgressBar, table
+from evalstream.client.stream import EvaluationStream
+from evalstream.client.synthetic import SyntheticValidationSet
 from evalstream.v1 import evaluation_pb2, service_pb2
-
-from .client import EvalClient
-from .render import ProgressBar, table
-from .stream import EvaluationStream
-from .synthetic import SyntheticValidationSet
 
 
 @dataclass(frozen=True)

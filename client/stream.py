@@ -23,10 +23,8 @@ from typing import Any, Literal
 
 import grpc
 
-from evalstream.v1 import evaluation_pb2, service_pb2
-
-from .errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
-from .tensors import (
+from evalstream.client.errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
+from evalstream.client.tensors import (
     HostBatch,
     HostPool,
     PinnedPool,
@@ -35,7 +33,8 @@ from .tensors import (
     score_itemsize,
     to_host_batch,
 )
-from .transport import RETRYABLE, RetryPolicy
+from evalstream.client.transport import RETRYABLE, RetryPolicy
+from evalstream.v1 import evaluation_pb2, service_pb2
 
 OnRejection = Literal["raise", "collect"]
 STREAM_METHOD = "/evalstream.v1.EvalStreamService/StreamEvaluation"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from evalstream.service.engine.report import MetricReport
+from evalstream.service.store.base import EvaluationKey, EvaluationRow
 from evalstream.v1 import evaluation_pb2 as ev_pb2
-
-from .engine.report import MetricReport
-from .store.base import EvaluationKey, EvaluationRow
 
 SCORE_KINDS = {
     ev_pb2.SCORE_KIND_UNSPECIFIED: "logits",

@@ -29,16 +29,30 @@ from typing import Any, TypeVar
 
 import torch
 
-from .convert import result_from_report
-from .engine import ChunkError, EngineConfig, Records
-from .engine.metrics import compute_metrics, running_summary
-from .engine.records import FIELDS
-from .engine.reducer import ChunkReducer, resolve_backend, resolve_device
-from .errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from .settings import Settings
-from .staging import MAX_BLOCKS, STAGING_BYTES, Segment, StagingBlock, StagingBudget, StagingPool
-from .status import SeriesKey, ShardProgress
-from .store.base import (
+from evalstream.service.convert import result_from_report
+from evalstream.service.engine import ChunkError, EngineConfig, Records
+from evalstream.service.engine.metrics import compute_metrics, running_summary
+from evalstream.service.engine.records import FIELDS
+from evalstream.service.engine.reducer import ChunkReducer, resolve_backend, resolve_device
+from evalstream.service.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
+from evalstream.service.settings import Settings
+from evalstream.service.staging import (
+    MAX_BLOCKS,
+    STAGING_BYTES,
+    Segment,
+    StagingBlock,
+    StagingBudget,
+    StagingPool,
+)
+from evalstream.service.status import SeriesKey, ShardProgress
+from evalstream.service.store.base import (
     ChunkCommit,
     EvaluationKey,
     EvaluationRow,
@@ -49,8 +63,8 @@ from .store.base import (
     Store,
     StoredChunk,
 )
-from .telemetry import Telemetry
-from .wire import DecodedChunk
+from evalstream.service.telemetry import Telemetry
+from evalstream.service.wire import DecodedChunk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

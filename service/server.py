@@ -28,15 +28,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from evalstream.service import auth
+from evalstream.service.exporter import QualityCollector
+from evalstream.service.ingest import Coordinator
+from evalstream.service.servicer import EvalStreamServicer, add_to_server
+from evalstream.service.settings import Settings
+from evalstream.service.store import SqliteStore
+from evalstream.service.telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
 from evalstream.v1 import service_pb2
-
-from . import auth
-from .exporter import QualityCollector
-from .ingest import Coordinator
-from .servicer import EvalStreamServicer, add_to_server
-from .settings import Settings
-from .store import SqliteStore
-from .telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
 
 log = logging.getLogger("evalstream.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["EvalStreamService"].full_name

@@ -20,15 +20,21 @@ import grpc.aio
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from evalstream.service import wire
+from evalstream.service.convert import SCORE_KINDS, evaluation_to_pb
+from evalstream.service.engine import Records
+from evalstream.service.engine.registry import direction, metric_infos
+from evalstream.service.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, status_of
+from evalstream.service.ingest import (
+    DEFAULT_SPLIT,
+    ChunkOutcome,
+    Coordinator,
+    Lease,
+    evaluation_key,
+    validate_name,
+)
+from evalstream.service.store.base import EvaluationRow, ShardOpenRequest
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from . import wire
-from .convert import SCORE_KINDS, evaluation_to_pb
-from .engine import Records
-from .engine.registry import direction, metric_infos
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, status_of
-from .ingest import DEFAULT_SPLIT, ChunkOutcome, Coordinator, Lease, evaluation_key, validate_name
-from .store.base import EvaluationRow, ShardOpenRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -398,7 +404,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
 
     async def _compare(self, request: service_pb2.CompareModelsRequest) -> service_pb2.CompareModelsResponse:
         """Resolve the refs (or every model of a run at its latest step) and hand them to service/compare."""
-        from .compare import CompareOptions, compare_models
+        from evalstream.service.compare import CompareOptions, compare_models
 
         primary = request.primary_metric or self.settings.primary_metric
         check_metric(primary, self.settings.top_k)
@@ -430,7 +436,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
         return await self.coordinator._in_worker(compare_models, candidates, options, baseline)
 
     async def _candidate(self, row: EvaluationRow) -> Any:
-        from .compare import CandidateInput
+        from evalstream.service.compare import CandidateInput
 
         k = row.key
         if not row.finalized or row.result is None:

@@ -22,8 +22,8 @@ from typing import Any
 import tomllib
 import yaml
 
-from .engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
-from .engine.registry import direction
+from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
+from evalstream.service.engine.registry import direction
 
 ENV_PREFIX = "EVALSTREAM_"
 MIB = 1 << 20

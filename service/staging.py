@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .wire import DecodedChunk
+from evalstream.service.wire import DecodedChunk
 
 # One block's scores buffer stays at or under this size (rows shrink for very large class counts).
 STAGING_BYTES = 16 << 20

@@ -26,9 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from evalstream.service.engine.errors import ChunkError
 from evalstream.v1 import service_pb2, tensor_pb2
-
-from .engine.errors import ChunkError
 
 # torch.frombuffer / torch.from_numpy warn that the message bytes are not writable; nothing writes them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)

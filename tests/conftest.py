@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.servers import ENGINE_BACKEND_VARIABLE, small_settings
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
+from tests.support.servers import ENGINE_BACKEND_VARIABLE, small_settings
 
 os.environ.setdefault(ENGINE_BACKEND_VARIABLE, "eager")
 

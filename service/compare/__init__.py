@@ -8,12 +8,11 @@ gRPC status name as the code. See docs/compare.md for the method.
 
 from __future__ import annotations
 
+from evalstream.service.compare.core import compare
+from evalstream.service.compare.inputs import CandidateInput, CompareError, CompareOptions
+from evalstream.service.compare.result import CandidateOutcome, Comparison
+from evalstream.service.compare.to_proto import to_response
 from evalstream.v1 import service_pb2
-
-from .core import compare
-from .inputs import CandidateInput, CompareError, CompareOptions
-from .result import CandidateOutcome, Comparison
-from .to_proto import to_response
 
 
 def compare_models(

@@ -16,11 +16,10 @@ from functools import reduce
 
 import numpy as np
 
+from evalstream.service.compare.inputs import CandidateInput, CompareError
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.records import Records
-
-from .inputs import CandidateInput, CompareError
 
 
 @dataclass

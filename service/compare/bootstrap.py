@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .statistics import Statistic, paired_difference
-from .weights import weight_blocks
+from evalstream.service.compare.statistics import Statistic, paired_difference
+from evalstream.service.compare.weights import weight_blocks
 
 
 @dataclass(frozen=True)

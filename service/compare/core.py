@@ -5,20 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from evalstream.service.compare.agreement import kendall_tau_b
+from evalstream.service.compare.align import Aligned, align
+from evalstream.service.compare.bootstrap import Interval, paired_bootstrap, unpaired_bootstrap
+from evalstream.service.compare.diagnosis import diagnose, disagree
+from evalstream.service.compare.gate import GateSpec, evaluate_gate
+from evalstream.service.compare.inputs import CandidateInput, CompareError, CompareOptions
+from evalstream.service.compare.mcnemar import discordant, mcnemar_exact
+from evalstream.service.compare.ranking import competition_ranks, display_names, order_candidates, oriented
+from evalstream.service.compare.result import CandidateOutcome, Comparison
+from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.compare.verdict import write_verdict
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.registry import MetricInfo, direction, metric_infos
-
-from .agreement import kendall_tau_b
-from .align import Aligned, align
-from .bootstrap import Interval, paired_bootstrap, unpaired_bootstrap
-from .diagnosis import diagnose, disagree
-from .gate import GateSpec, evaluate_gate
-from .inputs import CandidateInput, CompareError, CompareOptions
-from .mcnemar import discordant, mcnemar_exact
-from .ranking import competition_ranks, display_names, order_candidates, oriented
-from .result import CandidateOutcome, Comparison
-from .statistics import statistic_for
-from .verdict import write_verdict
 
 
 def _direction(name: str, config: EngineConfig, role: str) -> bool:

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evalstream.service.compare.mcnemar import discordant
 from evalstream.service.engine.records import Records
-
-from .mcnemar import discordant
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .bootstrap import Interval
-from .diagnosis import PairDiagnosisResult
-from .gate import GateOutcome
+from evalstream.service.compare.bootstrap import Interval
+from evalstream.service.compare.diagnosis import PairDiagnosisResult
+from evalstream.service.compare.gate import GateOutcome
 
 
 @dataclass

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from evalstream.service.compare.diagnosis import PairDiagnosisResult
+from evalstream.service.compare.result import CandidateOutcome, Comparison
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
-
-from .diagnosis import PairDiagnosisResult
-from .result import CandidateOutcome, Comparison
 
 
 def loss_summary(m: Mapping[str, float]) -> evaluation_pb2.LossSummary:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .result import CandidateOutcome, Comparison
+from evalstream.service.compare.result import CandidateOutcome, Comparison
 
 CAUSE_WORDS = {
     "confidence_scale": "a confidence-scale gap that temperature scaling closes",

@@ -4,11 +4,11 @@
 fused pass; ``compute_metrics`` turns merged records into a ``MetricReport``.
 """
 
-from .config import DEFAULT_INVERSE_TEMPERATURES, EngineConfig
-from .errors import ChunkError
-from .records import Records
-from .registry import MetricInfo, direction, metric_infos
-from .report import MetricReport
+from evalstream.service.engine.config import DEFAULT_INVERSE_TEMPERATURES, EngineConfig
+from evalstream.service.engine.errors import ChunkError
+from evalstream.service.engine.records import Records
+from evalstream.service.engine.registry import MetricInfo, direction, metric_infos
+from evalstream.service.engine.report import MetricReport
 
 __all__ = [
     "DEFAULT_INVERSE_TEMPERATURES",

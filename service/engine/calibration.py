@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .report import Calibration, ReliabilityBin
+from evalstream.service.engine.report import Calibration, ReliabilityBin
 
 BIN_EDGES = "(lo, hi]"
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .powers import Ladder, ladder
+from evalstream.service.engine.powers import Ladder, ladder
 
 log = logging.getLogger(__name__)
 

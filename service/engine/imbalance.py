@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from .report import ClassBucket, ConfusedPair, Imbalance, PerClass
+from evalstream.service.engine.report import ClassBucket, ConfusedPair, Imbalance, PerClass
 
 BUCKETS = ("head", "torso", "tail")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import calibration
-from .config import EngineConfig
-from .imbalance import imbalance
-from .records import Records
-from .report import LossSummary, MetricReport
-from .temperature import scan
+from evalstream.service.engine.calibration import calibration
+from evalstream.service.engine.config import EngineConfig
+from evalstream.service.engine.imbalance import imbalance
+from evalstream.service.engine.records import Records
+from evalstream.service.engine.report import LossSummary, MetricReport
+from evalstream.service.engine.temperature import scan
 
 
 def running_summary(records: Records) -> tuple[float, int]:

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import EngineConfig
-from .errors import ChunkError
-from .fused import KernelKey, RowPass, compiler_available, kernel_for
-from .powers import PowerPlan, plan
-from .records import FIELDS, NO_SAMPLE_ID, Records
-from .validate import locate_non_finite, validate
+from evalstream.service.engine.config import EngineConfig
+from evalstream.service.engine.errors import ChunkError
+from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for
+from evalstream.service.engine.powers import PowerPlan, plan
+from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, Records
+from evalstream.service.engine.validate import locate_non_finite, validate
 
 # One [rows, C] float32 buffer stays at or under this size: ~256 rows at C=3,000, so the
 # block's working set stays in L2/L3 across the ~25 passes (measured fastest of 32..1024 rows

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .registry import accuracy_name
+from evalstream.service.engine.registry import accuracy_name
 
 
 @dataclass

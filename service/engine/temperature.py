@@ -7,7 +7,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from .report import TemperatureScan
+from evalstream.service.engine.report import TemperatureScan
 
 
 def parabola_min(x: tuple[float, float, float], f: tuple[float, float, float]) -> tuple[float, float] | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ChunkError
+from evalstream.service.engine.errors import ChunkError
 
 SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int32, torch.int64)

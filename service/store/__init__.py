@@ -1,6 +1,6 @@
 """Durable state behind a small interface (``Store``); ``SqliteStore`` is the embedded default."""
 
-from .base import (
+from evalstream.service.store.base import (
     FINALIZED,
     OPEN,
     ChunkCommit,
@@ -13,7 +13,7 @@ from .base import (
     Store,
     StoredChunk,
 )
-from .sqlite import SqliteStore
+from evalstream.service.store.sqlite import SqliteStore
 
 __all__ = [
     "FINALIZED",

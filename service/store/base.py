@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ResourceExhausted
-from ..status import FinalizedView
+from evalstream.service.errors import ResourceExhausted
+from evalstream.service.status import FinalizedView
 
 OPEN = "open"
 FINALIZED = "finalized"

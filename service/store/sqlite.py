@@ -37,11 +37,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from evalstream.v1 import evaluation_pb2
-
-from ..errors import FailedPrecondition, NotFound, ResourceExhausted
-from ..status import FinalizedView, SeriesKey
-from .base import (
+from evalstream.service.errors import FailedPrecondition, NotFound, ResourceExhausted
+from evalstream.service.status import FinalizedView, SeriesKey
+from evalstream.service.store.base import (
     FINALIZED,
     OPEN,
     TOO_LARGE,
@@ -55,6 +53,7 @@ from .base import (
     Store,
     StoredChunk,
 )
+from evalstream.v1 import evaluation_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from support.servers import small_settings
 
 from evalstream.client import EvalClient, RetryPolicy
 from evalstream.service.engine.metrics import compute_metrics
@@ -14,6 +13,7 @@ from evalstream.service.engine.records import Records
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
+from tests.support.servers import small_settings
 
 __all__ = ["FAST_RETRY", "NUM_CLASSES", "engine_metrics", "make_batches", "small_settings"]
 

@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 
-from support.relay import TcpRelay
+from tests.support.relay import TcpRelay
 
 
 class TcpProxy(TcpRelay[None]):

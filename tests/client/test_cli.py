@@ -15,8 +15,7 @@ import pytest
 
 from evalstream.client import EvalClient
 from evalstream.service.server import BackgroundServer
-
-from .conftest import NUM_CLASSES, make_batches
+from tests.client.conftest import NUM_CLASSES, make_batches
 
 EXE = shutil.which("evalstream", path=str(Path(sys.executable).parent)) or "evalstream"
 

@@ -17,9 +17,8 @@ from evalstream.client import ChunkRejectedError, EvalClient, EvalStreamError, E
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2
-
-from .conftest import FAST_RETRY, NUM_CLASSES, engine_metrics, make_batches, small_settings
-from .proxy import TcpProxy
+from tests.client.conftest import FAST_RETRY, NUM_CLASSES, engine_metrics, make_batches, small_settings
+from tests.client.proxy import TcpProxy
 
 FINALIZED = evaluation_pb2.EVALUATION_STATE_FINALIZED
 

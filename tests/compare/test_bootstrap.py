@@ -10,8 +10,7 @@ from evalstream.service.compare.bootstrap import paired_bootstrap, unpaired_boot
 from evalstream.service.compare.statistics import Statistic, statistic_for
 from evalstream.service.compare.weights import POISSON_TABLE, reference_weights, weight_blocks
 from evalstream.service.engine.records import Records
-
-from .synth import CONFIG, records_of, world
+from tests.compare.synth import CONFIG, records_of, world
 
 N, C, R = 1501, 20, 300
 

@@ -9,8 +9,7 @@ import pytest
 
 from evalstream.service.compare import CandidateInput, CompareError, CompareOptions, compare, compare_models
 from evalstream.v1 import compare_pb2
-
-from .synth import candidate, sample_labels, world, zipf_prior
+from tests.compare.synth import candidate, sample_labels, world, zipf_prior
 
 N, C = 4000, 60
 IDS = np.arange(N)

@@ -10,8 +10,7 @@ from evalstream.service.compare.statistics import Statistic, statistic_for
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.records import Records
 from evalstream.service.engine.registry import metric_infos
-
-from .synth import CONFIG, records_of, world
+from tests.compare.synth import CONFIG, records_of, world
 
 N, C = 3000, 40
 RANKING = sorted(n for n, i in metric_infos(CONFIG.top_k).items() if i.higher_is_better is not None)

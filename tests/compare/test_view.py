@@ -11,9 +11,8 @@ from evalstream.service.compare import CandidateInput, CompareOptions, compare_m
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
-
-from .synth import CONFIG
-from .test_compare import three_variants
+from tests.compare.synth import CONFIG
+from tests.compare.test_compare import three_variants
 
 Compared = tuple[service_pb2.CompareModelsResponse, list[CandidateInput]]
 

@@ -9,8 +9,7 @@ import torch
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
-
-from .data import make_data
+from tests.engine.data import make_data
 
 pytestmark = [
     pytest.mark.cuda,

@@ -19,9 +19,8 @@ from evalstream.service.engine.fused import KernelKey, _powers, kernel_for, make
 from evalstream.service.engine.powers import ladder
 from evalstream.service.engine.records import FIELDS
 from evalstream.service.engine.reducer import ChunkReducer, resolve_backend
-
-from . import reference as ref
-from .data import TEST_CONFIG, Data, make_data
+from tests.engine import reference as ref
+from tests.engine.data import TEST_CONFIG, Data, make_data
 
 C = 3000
 COMPILED = EngineConfig(device="cpu", block_rows=256, backend="compiled")

@@ -10,8 +10,7 @@ from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.records import FIELDS
 from evalstream.service.engine.reducer import ChunkReducer
-
-from .data import TEST_CONFIG, make_data
+from tests.engine.data import TEST_CONFIG, make_data
 
 
 def _flat(d: object, prefix: str = "") -> dict[str, float]:

@@ -12,8 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
-
-from .data import TEST_CONFIG, make_data
+from tests.engine.data import TEST_CONFIG, make_data
 
 
 @pytest.mark.parametrize(("num_classes", "n", "seed"), [(10, 2000, 21), (100, 2000, 22), (3000, 1000, 23)])

@@ -9,9 +9,8 @@ from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_sup
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics, running_summary
 from evalstream.service.engine.reducer import ChunkReducer
-
-from . import reference as ref
-from .data import TEST_CONFIG, make_data
+from tests.engine import reference as ref
+from tests.engine.data import TEST_CONFIG, make_data
 
 CASES = [(10, 3000, 1), (100, 3000, 2), (3000, 1500, 3)]
 RTOL = 1e-6

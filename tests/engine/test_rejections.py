@@ -11,8 +11,7 @@ import torch
 from evalstream.service.engine import ChunkError, EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
-
-from .data import make_data
+from tests.engine.data import make_data
 
 C = 100
 CFG = EngineConfig(device="cpu", block_rows=64)

@@ -11,8 +11,7 @@ from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.engine.temperature import scan
-
-from .data import TEST_CONFIG, make_data
+from tests.engine.data import TEST_CONFIG, make_data
 
 
 def test_accuracy_does_not_depend_on_temperature() -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from support.relay import DOWN, UP, TcpRelay
+from tests.support.relay import DOWN, UP, TcpRelay
 
 ACTIONS = ("drop", "stall", "blackhole")
 

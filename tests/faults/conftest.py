@@ -16,7 +16,7 @@ from typing import Protocol
 
 import pytest
 
-from .harness import ServerProcess
+from tests.faults.harness import ServerProcess
 
 SLOW = os.environ.get("EVALSTREAM_SLOW_TESTS", "") not in ("", "0")
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -15,11 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from support.lockstep import chunk_request
 
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .workload import Batch, RankRun
+from tests.faults.workload import Batch, RankRun
+from tests.support.lockstep import chunk_request
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
 

@@ -1,4 +1,4 @@
-"""One rank as its own process (``python -m faults.rank_process``), for client-crash tests.
+"""One rank as its own process (``python -m tests.faults.rank_process``), for client-crash tests.
 
 Streams the deterministic batches of ``workload.rank_batches`` through the client
 library and prints one line per added batch (``added <i> committed <samples>``)
@@ -15,8 +15,7 @@ import sys
 import time
 
 from evalstream.client import EvalClient
-
-from .workload import PATIENT, rank_batches
+from tests.faults.workload import PATIENT, rank_batches
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .harness import ServerProcess
-from .workload import RankRun, running
+from tests.faults.harness import ServerProcess
+from tests.faults.workload import RankRun, running
 
 DELAY = "delay"
 # What each kind of fault interrupts (docs/reliability.md lists them).

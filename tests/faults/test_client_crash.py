@@ -19,26 +19,32 @@ from pathlib import Path
 import pytest
 
 from evalstream.service.settings import Settings
-
-from .conftest import FaultLog
-from .harness import ServerProcess
-from .workload import assert_same_result, fetch_result, join_ranks, rank_batches, reference, start_ranks
+from tests.faults.conftest import FaultLog
+from tests.faults.harness import ServerProcess
+from tests.faults.workload import (
+    assert_same_result,
+    fetch_result,
+    join_ranks,
+    rank_batches,
+    reference,
+    start_ranks,
+)
 
 NUM_CLASSES = 50
 BATCHES = 12
 ROWS = 40
 PACE_S = 0.05
-TESTS_DIR = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rank_process(server: ServerProcess, model: str, seed: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVALSTREAM_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     args = ["--target", server.target, "--model", model, "--rank", "0", "--world-size", "2"]
     args += ["--seed", str(seed), "--batches", str(BATCHES), "--rows", str(ROWS)]
     args += ["--classes", str(NUM_CLASSES), "--pace", str(PACE_S)]
     return subprocess.Popen(
-        [sys.executable, "-m", "faults.rank_process", *args],
+        [sys.executable, "-m", "tests.faults.rank_process", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,12 +15,11 @@ import pytest
 
 from evalstream.client import RetryPolicy
 from evalstream.service.settings import Settings
-
-from .chaos import ChaosProxy
-from .conftest import FaultLog
-from .harness import ServerProcess
-from .naive import NaiveStats, naive_rank
-from .workload import (
+from tests.faults.chaos import ChaosProxy
+from tests.faults.conftest import FaultLog
+from tests.faults.harness import ServerProcess
+from tests.faults.naive import NaiveStats, naive_rank
+from tests.faults.workload import (
     RankRun,
     assert_same_result,
     fetch_result,

@@ -21,15 +21,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.lockstep import LockStep, close_request, open_request
 
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import FaultLog
-from .harness import ServerProcess
-from .naive import chunk_requests
-from .workload import assert_same_result, fetch_result, join_ranks, rank_batches, reference, start_ranks
+from tests.faults.conftest import FaultLog
+from tests.faults.harness import ServerProcess
+from tests.faults.naive import chunk_requests
+from tests.faults.workload import (
+    assert_same_result,
+    fetch_result,
+    join_ranks,
+    rank_batches,
+    reference,
+    start_ranks,
+)
+from tests.support.lockstep import LockStep, close_request, open_request
 
 NUM_CLASSES = 50
 RUN = "faults"  # the run workload.py and naive.py stream into
@@ -151,7 +157,7 @@ def test_full_disk_refuses_chunks_with_resource_exhausted(tmp_path: Path, fault_
         pytest.skip("needs permission to mount a tmpfs")
     server = ServerProcess(tmp_path / "srv")
     server.data_dir = mnt / "data"
-    from .harness import write_config
+    from tests.faults.harness import write_config
 
     write_config(server.config, server.data_dir, server.port)
     model = "full"

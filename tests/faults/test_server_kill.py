@@ -15,11 +15,17 @@ from pathlib import Path
 import pytest
 
 from evalstream.service.settings import Settings
-
-from .conftest import FaultLog
-from .harness import ServerProcess
-from .schedule import KINDS, Played, make_schedule, play
-from .workload import assert_same_result, fetch_result, join_ranks, rank_batches, reference, start_ranks
+from tests.faults.conftest import FaultLog
+from tests.faults.harness import ServerProcess
+from tests.faults.schedule import KINDS, Played, make_schedule, play
+from tests.faults.workload import (
+    assert_same_result,
+    fetch_result,
+    join_ranks,
+    rank_batches,
+    reference,
+    start_ranks,
+)
 
 NUM_CLASSES = 50
 RANKS = 3

@@ -21,11 +21,10 @@ import pytest
 
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import FaultLog
-from .harness import ServerProcess
-from .naive import chunk_requests
-from .workload import assert_same_result, fetch_result, rank_batches, reference
+from tests.faults.conftest import FaultLog
+from tests.faults.harness import ServerProcess
+from tests.faults.naive import chunk_requests
+from tests.faults.workload import assert_same_result, fetch_result, rank_batches, reference
 
 NUM_CLASSES = 50
 BATCHES = 16

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .promtools import binary
+from tests.observability.promtools import binary
 
 T = TypeVar("T")
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "evalstream.rules.yml"

@@ -27,11 +27,10 @@ import matplotlib.pyplot as plt
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2_grpc
-
-from . import dashboard
-from .prom import Prometheus, wait_for
-from .streaming import make_data, stream_shard
-from .trajectory import CLASSES, STEPS, step_data
+from tests.observability import dashboard
+from tests.observability.prom import Prometheus, wait_for
+from tests.observability.streaming import make_data, stream_shard
+from tests.observability.trajectory import CLASSES, STEPS, step_data
 
 RUN, SPLIT = "resnet-imbalanced", "validation"
 P99 = "histogram_quantile(0.99, sum by (le) (rate(evalstream_{}_seconds_bucket[$__rate_interval])))"

@@ -18,10 +18,9 @@ from evalstream.service.engine.registry import metric_infos
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.status import FinalizedView, SeriesKey, ShardProgress
 from evalstream.service.telemetry import Telemetry
-
-from . import dashboard
-from .promtools import promtool
-from .sources import MemoryFinalized, MemoryProgress, make_result
+from tests.observability import dashboard
+from tests.observability.promtools import promtool
+from tests.observability.sources import MemoryFinalized, MemoryProgress, make_result
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROM = DEPLOY / "prometheus"

@@ -9,9 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.status import FinalizedView, SeriesKey, ShardProgress
 from evalstream.service.telemetry import Telemetry
-
-from .promtools import promtool
-from .sources import MemoryFinalized, MemoryProgress, make_result
+from tests.observability.promtools import promtool
+from tests.observability.sources import MemoryFinalized, MemoryProgress, make_result
 
 KEY = SeriesKey("run-a", "resnet", "validation")
 

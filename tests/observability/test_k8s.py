@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .kustomize import render
+from tests.observability.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

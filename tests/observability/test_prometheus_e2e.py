@@ -20,14 +20,13 @@ import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.servers import small_settings
 
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from . import dashboard
-from .prom import RULES, Prometheus, wait_for
-from .promtools import binary, promtool
-from .streaming import Data, make_data, stream_shard
+from tests.observability import dashboard
+from tests.observability.prom import RULES, Prometheus, wait_for
+from tests.observability.promtools import binary, promtool
+from tests.observability.streaming import Data, make_data, stream_shard
+from tests.support.servers import small_settings
 
 pytestmark = pytest.mark.timeout(240)
 

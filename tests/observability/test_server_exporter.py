@@ -8,11 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.servers import small_settings
 
 from evalstream.v1 import evaluation_pb2, service_pb2_grpc
-
-from .streaming import make_data, stream_shard
+from tests.observability.streaming import make_data, stream_shard
+from tests.support.servers import small_settings
 
 server_mod = pytest.importorskip("evalstream.service.server")
 

@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.status import FinalizedView, SeriesKey
 from evalstream.service.telemetry import REJECTION_REASONS, Telemetry, serve_metrics, split_address
-
-from .sources import MemoryFinalized, MemoryProgress, make_result
+from tests.observability.sources import MemoryFinalized, MemoryProgress, make_result
 
 
 def test_split_address() -> None:

@@ -6,7 +6,7 @@ the check is on the synthetic data itself; the end-to-end test shows the engine 
 
 from __future__ import annotations
 
-from .trajectory import STEPS, step_data
+from tests.observability.trajectory import STEPS, step_data
 
 
 def test_candidate_loss_falls_below_the_baseline_while_its_accuracy_stays_lower() -> None:

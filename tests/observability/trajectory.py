@@ -11,8 +11,7 @@ every step, as in training), so the metrics come from the engine, not from this 
 from __future__ import annotations
 
 from evalstream.client.synthetic import SyntheticValidationSet, Variant
-
-from .streaming import Data
+from tests.observability.streaming import Data
 
 CLASSES = 3000
 SAMPLES = 1500

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from support.lockstep import Request, chunk_request, close_request, open_request
 
 from evalstream.service.wire import encode_tensor
 from evalstream.v1 import service_pb2, tensor_pb2
-
-from .conftest import MAX_CHUNK_ROWS, MAX_MESSAGE_BYTES, NUM_CLASSES
+from tests.robustness.conftest import MAX_CHUNK_ROWS, MAX_MESSAGE_BYTES, NUM_CLASSES
+from tests.support.lockstep import Request, chunk_request, close_request, open_request
 
 DT = tensor_pb2.DataType
 UNKNOWN_FIELD = b"\xa0\x06\x01"  # field 100, varint 1: no message of this protocol has it

@@ -1,21 +1,17 @@
-"""Robustness-test plumbing: the repository root on sys.path (for ``bench.load``) and one real
-server on loopback per module."""
+"""Robustness-test plumbing: one real server on loopback per module."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.servers import small_settings
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
+from tests.support.servers import small_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 NUM_CLASSES = 10
 MAX_CHUNK_ROWS = 64

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-from support.lockstep import RUN
 
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+from tests.support.lockstep import RUN
 
 
 def good_batch(rows: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,6 @@ import itertools
 
 import grpc
 import pytest
-from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import Records
@@ -17,10 +16,10 @@ from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .cases import CHUNK_CASES, OPEN_CASES, STREAM_CASES, ChunkCase, OpenCase, StreamCase
-from .conftest import NUM_CLASSES
-from .rawstream import get_evaluation, good_batch
+from tests.robustness.cases import CHUNK_CASES, OPEN_CASES, STREAM_CASES, ChunkCase, OpenCase, StreamCase
+from tests.robustness.conftest import NUM_CLASSES
+from tests.robustness.rawstream import get_evaluation, good_batch
+from tests.support.lockstep import LockStep, chunk_request, close_request, open_request
 
 ROWS = 8
 _models = itertools.count()

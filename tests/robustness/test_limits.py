@@ -9,22 +9,17 @@ blocks and a bounded pipeline, which the flood test checks by streaming far more
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.v1 import service_pb2
-
-from .conftest import ROOT
-from .rawstream import get_evaluation, good_batch
-
-sys.path.insert(0, str(ROOT / "tests"))
-from faults.harness import ServerProcess
+from tests.faults.harness import ServerProcess
+from tests.robustness.rawstream import get_evaluation, good_batch
+from tests.support.lockstep import LockStep, chunk_request, close_request, open_request
 
 MIB = 1 << 20
 C = 3000

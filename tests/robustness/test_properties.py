@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.lockstep import LockStep, chunk_request, close_request, open_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import ChunkError, Records
@@ -32,9 +31,9 @@ from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.service.wire import ITEMSIZE, decode_chunk
 from evalstream.v1 import service_pb2, tensor_pb2
-
-from .conftest import MAX_CHUNK_ROWS, NUM_CLASSES
-from .rawstream import get_evaluation
+from tests.robustness.conftest import MAX_CHUNK_ROWS, NUM_CLASSES
+from tests.robustness.rawstream import get_evaluation
+from tests.support.lockstep import LockStep, chunk_request, close_request, open_request
 
 DT = tensor_pb2.DataType
 SCORE: set[int] = {DT.DATA_TYPE_FLOAT32, DT.DATA_TYPE_FLOAT16, DT.DATA_TYPE_BFLOAT16}

@@ -25,8 +25,7 @@ from evalstream.client.transport import RetryPolicy, TLSConfig
 from evalstream.service import auth
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
-
-from .conftest import FULL_TOKEN, READ_ONLY_TOKEN, Pki
+from tests.security.conftest import FULL_TOKEN, READ_ONLY_TOKEN, Pki
 
 NUM_CLASSES = 10
 RUN = "sec-run"

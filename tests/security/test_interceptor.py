@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from evalstream.service import auth
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import FULL_TOKEN, READ_ONLY_TOKEN, AioServer, Pki
+from tests.security.conftest import FULL_TOKEN, READ_ONLY_TOKEN, AioServer, Pki
 
 TIMEOUT_S = 5.0
 KEY = evaluation_pb2.EvaluationKey(run="r", model="m", split="val")

@@ -10,8 +10,7 @@ import pytest
 
 from evalstream.service import auth
 from evalstream.service.settings import Settings
-
-from .conftest import FULL_TOKEN, READ_ONLY_TOKEN
+from tests.security.conftest import FULL_TOKEN, READ_ONLY_TOKEN
 
 
 def test_parse_ignores_blank_lines_and_comments() -> None:

@@ -10,8 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evalstream.service import auth
 from evalstream.service.settings import Settings
-
-from .conftest import AioServer, Pki
+from tests.security.conftest import AioServer, Pki
 
 TIMEOUT_S = 5.0
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support.servers import small_settings
 
 from evalstream.service.server import BackgroundServer
+from tests.support.servers import small_settings
 
 __all__ = ["NUM_CLASSES", "small_settings"]
 

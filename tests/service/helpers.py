@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from support import lockstep
-from support.lockstep import LockStep, close_request
 
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.v1 import evaluation_pb2, service_pb2
+from tests.support import lockstep
+from tests.support.lockstep import LockStep, close_request
 
 RUN, MODEL, SPLIT = "run-1", "model-a", "validation"
 

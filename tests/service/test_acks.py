@@ -14,9 +14,8 @@ import numpy as np
 from evalstream.client.stream import ACKS_METADATA as CLIENT_ACKS
 from evalstream.service.servicer import ACKS_METADATA
 from evalstream.v1 import service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES
-from .helpers import Data, chunk_request, close_request, make_data, open_request
+from tests.service.conftest import NUM_CLASSES
+from tests.service.helpers import Data, chunk_request, close_request, make_data, open_request
 
 
 def _stream(

@@ -16,9 +16,8 @@ from evalstream.service.engine.fused import KernelKey, compiler_available, kerne
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.v1 import service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import Data, concat, expected_result, make_data, run_ranks
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import Data, concat, expected_result, make_data, run_ranks
 
 
 def test_engine_backend_defaults_to_auto_and_reaches_the_engine_config() -> None:

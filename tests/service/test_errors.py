@@ -10,15 +10,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from support.lockstep import LockStep
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc, tensor_pb2
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import (
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import (
     Data,
     chunk_request,
     close_request,
@@ -27,6 +25,7 @@ from .helpers import (
     make_data,
     open_request,
 )
+from tests.support.lockstep import LockStep
 
 
 def _finish_and_check(stream: LockStep, channel: grpc.Channel, settings: Settings, next_seq: int) -> None:

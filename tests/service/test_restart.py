@@ -15,16 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.lockstep import LockStep
 
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.service.store import EvaluationKey, ShardOpenRequest, SqliteStore
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import (
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import (
     chunk_request,
     close_request,
     concat,
@@ -32,6 +30,7 @@ from .helpers import (
     make_data,
     open_request,
 )
+from tests.support.lockstep import LockStep
 
 READY = re.compile(r"evalstream serving grpc=(\S+)")
 

@@ -10,13 +10,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
-from support.lockstep import LockStep
 
 from evalstream.service.server import BackgroundServer
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import Data, chunk_request, close_request, make_data, open_request
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import Data, chunk_request, close_request, make_data, open_request
+from tests.support.lockstep import LockStep
 
 
 def _stream_one(

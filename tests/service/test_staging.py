@@ -23,9 +23,16 @@ from evalstream.service.staging import (
 )
 from evalstream.service.wire import decode_chunk
 from evalstream.v1 import service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import Data, chunk_request, close_request, concat, expected_result, make_data, open_request
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import (
+    Data,
+    chunk_request,
+    close_request,
+    concat,
+    expected_result,
+    make_data,
+    open_request,
+)
 
 
 def _pipelined(channel: grpc.Channel, requests: list[service_pb2.StreamEvaluationRequest]) -> list:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from support.lockstep import LockStep
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-
-from .conftest import NUM_CLASSES, small_settings
-from .helpers import (
+from tests.service.conftest import NUM_CLASSES, small_settings
+from tests.service.helpers import (
     chunk_request,
     close_request,
     concat,
@@ -21,6 +19,7 @@ from .helpers import (
     open_request,
     run_ranks,
 )
+from tests.support.lockstep import LockStep
 
 
 def _get(channel: grpc.Channel, step: int = 0, per_class: bool = True) -> evaluation_pb2.Evaluation:
