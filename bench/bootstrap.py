@@ -52,6 +52,7 @@ def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> R
         label=label,
         pred=pred,
         rank=rank,
+        ties=np.zeros(n, np.uint32),
         nll=nll,
         confidence=confidence,
         brier=(1.0 - confidence) ** 2,

@@ -95,12 +95,23 @@ def render_evaluation(e: evaluation_pb2.Evaluation, max_bins: int = 20, max_conf
     sections = [head]
     if r.duplicates_dropped:
         sections.append(f"({r.duplicates_dropped} duplicate sample ids dropped)")
+    if r.tie_warning_share and r.label_tie_share > r.tie_warning_share:
+        sections.append(tie_warning(r))
     sections.append(_loss(r))
     sections.append(_accuracy(r))
     sections.append(_calibration(r, max_bins))
     sections.append(_imbalance(r, max_confusions))
     sections.append(_temperature(r))
     return "\n\n".join(sections)
+
+
+def tie_warning(r: evaluation_pb2.EvaluationResult) -> str:
+    """The line that flags heavy ties at the label's score (usually a numerical problem upstream)."""
+    return (
+        f"WARNING: {r.label_tie_share:.1%} of samples had their label's score exactly tied with another "
+        f"class (above {r.tie_warning_share:.0%}): saturated, quantized or collapsed scores? Accuracies "
+        "count ties as random tie-breaking would (docs/metrics.md, Ties)."
+    )
 
 
 def _loss(r: evaluation_pb2.EvaluationResult) -> str:

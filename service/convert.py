@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from evalstream.service.engine.metrics import TIE_WARNING_SHARE
 from evalstream.service.engine.report import MetricReport
 from evalstream.service.store.base import EvaluationKey, EvaluationRow
 from evalstream.v1 import evaluation_pb2 as ev_pb2
@@ -75,6 +76,7 @@ def result_from_report(report: MetricReport) -> ev_pb2.EvaluationResult:
                 support=imb.per_class.support.tolist(),
                 correct=imb.per_class.correct.tolist(),
                 predicted=imb.per_class.predicted.tolist(),
+                credited=imb.per_class.credited.tolist(),
             ),
         ),
         temperature=ev_pb2.TemperatureScan(
@@ -84,6 +86,8 @@ def result_from_report(report: MetricReport) -> ev_pb2.EvaluationResult:
             calibrated_nll=temp.calibrated_nll,
         ),
         metrics=report.scalars(),
+        label_tie_share=report.label_tie_share,
+        tie_warning_share=TIE_WARNING_SHARE,
     )
 
 

@@ -102,9 +102,10 @@ class Mean(Statistic):
 
 
 class MaskedMean(Statistic):
-    """Mean of x over the samples in ``mask`` (NLL of right or of wrong samples)."""
+    """Mean of x over the samples in ``mask`` (NLL of right or of wrong samples); a float mask
+    weighs each sample (a top-1 credit between 0 and 1 where the label tied another class)."""
 
-    def __init__(self, x: F64, mask: npt.NDArray[np.bool_]) -> None:
+    def __init__(self, x: F64, mask: npt.NDArray[np.bool_] | F64) -> None:
         m = mask.astype(np.float64)
         self.columns = Columns(np.stack([x * m, m], axis=1))
 
@@ -118,7 +119,7 @@ class BinnedCalibration(Statistic):
     for RMS / MCE, of the bin's weight: one matrix product with one-hot bin columns (15 bins:
     16 or 31 float32 columns, far faster than a scatter per replicate)."""
 
-    def __init__(self, kind: str, bins: IDX, confidence: F64, correct: npt.NDArray[np.bool_], num_bins: int):
+    def __init__(self, kind: str, bins: IDX, confidence: F64, correct: F64, num_bins: int):
         self.kind, self.num_bins = kind, num_bins
         onehot = np.zeros((len(bins), num_bins))
         onehot[np.arange(len(bins)), bins] = 1.0
@@ -138,7 +139,7 @@ class BinnedCalibration(Statistic):
         return np.abs(mean_gap).max(axis=1)  # mce: empty bins contribute 0
 
 
-def equal_mass_bins(confidence: F64, correct: npt.NDArray[np.bool_], num_bins: int) -> IDX:
+def equal_mass_bins(confidence: F64, correct: F64, num_bins: int) -> IDX:
     """Each sample's equal-mass bin as the engine forms them (sorted by confidence, then correct)."""
     n = len(confidence)
     order = np.lexsort((correct, confidence))
@@ -149,11 +150,14 @@ def equal_mass_bins(confidence: F64, correct: npt.NDArray[np.bool_], num_bins: i
 
 
 class ClassMetric(Statistic):
-    """balanced_accuracy, macro_precision, macro_f1, prediction_shift_tv from weighted class counts."""
+    """balanced_accuracy, macro_precision, macro_f1, prediction_shift_tv from weighted class counts.
 
-    def __init__(self, kind: str, label: IDX, pred: IDX, correct: npt.NDArray[np.bool_], num_classes: int):
+    Recall (balanced accuracy) counts each sample's top-1 credit; precision and F1 need one
+    predicted class and count the binary view, argmax == label (as the engine's imbalance.py)."""
+
+    def __init__(self, kind: str, label: IDX, pred: IDX, credit: F64, num_classes: int):
         self.kind, self.label, self.pred, self.c = kind, label, pred, num_classes
-        self.correct = correct.astype(np.float64)
+        self.correct = credit if kind == "balanced_accuracy" else (pred == label).astype(np.float64)
 
     def evaluate(self, w: F32) -> F64:
         support = segment_sums(w, None, self.label, self.c)
@@ -189,9 +193,9 @@ def class_buckets(label: IDX, num_classes: int) -> IDX:
 class BucketAccuracy(Statistic):
     """Top-1 accuracy on the head, torso or tail classes (classes fixed by the full sample)."""
 
-    def __init__(self, bucket: int, label: IDX, correct: npt.NDArray[np.bool_], num_classes: int):
+    def __init__(self, bucket: int, label: IDX, credit: F64, num_classes: int):
         in_bucket = class_buckets(label, num_classes)[label] == bucket
-        self.inner = MaskedMean(correct.astype(np.float64), in_bucket)
+        self.inner = MaskedMean(credit, in_bucket)
 
     def evaluate(self, w: F32) -> F64:
         return self.inner.evaluate(w)
@@ -263,18 +267,20 @@ class WeightedQuantile(Statistic):
 
 def statistic_for(name: str, records: Records, num_classes: int, config: EngineConfig) -> Statistic | None:
     """The weighted form of a ranking metric on these records; None for a name it does not know."""
-    correct = records.correct
+    # Accuracy-like statistics count each sample's top-1 credit (expected correctness under
+    # random tie-breaking, docs/metrics.md "Ties"), exactly as compute_metrics does.
+    correct = records.topk_credit(1)
     nll = records.nll.astype(np.float64)
     conf = records.confidence.astype(np.float64)
     label = records.label.astype(np.intp)
     pred = records.pred.astype(np.intp)
     for k in config.top_k:
         if name == accuracy_name(k):
-            return Mean((records.rank < k).astype(np.float64))
+            return Mean(records.topk_credit(k))
     if name in ("nll", "brier"):
         return Mean(nll if name == "nll" else records.brier.astype(np.float64))
     if name in ("nll_correct", "nll_wrong"):
-        return MaskedMean(nll, correct if name == "nll_correct" else ~correct)
+        return MaskedMean(nll, correct if name == "nll_correct" else 1.0 - correct)
     if name in ("ece", "rms_ce", "mce"):
         return BinnedCalibration(
             name, equal_width_bins(conf, config.num_bins), conf, correct, config.num_bins

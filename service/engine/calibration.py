@@ -23,7 +23,9 @@ def equal_width_bins(confidence: npt.NDArray[np.float64], num_bins: int) -> npt.
     return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
 
 
-def adaptive_ece(confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bool_], num_bins: int) -> float:
+def adaptive_ece(
+    confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.generic], num_bins: int
+) -> float:
     """ECE over equal-mass bins: samples sorted by (confidence, correct), split into
     ``num_bins`` runs whose sizes differ by at most one (the first runs take the
     extra samples, as ``numpy.array_split``). Sorting correct after wrong within
@@ -42,9 +44,12 @@ def adaptive_ece(confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bo
 
 
 def calibration(
-    confidence32: npt.NDArray[np.float32], correct: npt.NDArray[np.bool_], num_bins: int
+    confidence32: npt.NDArray[np.float32], correct: npt.NDArray[np.generic], num_bins: int
 ) -> Calibration:
-    """ECE (L1), RMS (L2), MCE (max over non-empty bins), adaptive ECE and the reliability diagram."""
+    """ECE (L1), RMS (L2), MCE (max over non-empty bins), adaptive ECE and the reliability diagram.
+
+    ``correct`` is each sample's top-1 credit: 0 or 1, or its expectation under random
+    tie-breaking where the label tied another class (see ``Records.topk_credit``)."""
     n = len(confidence32)
     conf = confidence32.astype(np.float64)
     corr = correct.astype(np.float64)

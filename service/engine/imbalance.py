@@ -2,6 +2,12 @@
 
 Peers: scikit-learn's ``balanced_accuracy_score`` and
 ``precision_recall_fscore_support(average="macro", zero_division=0)``.
+
+Two views of correctness meet here (docs/metrics.md, "Ties"): recall, balanced accuracy and
+the head/torso/tail accuracies take each sample's top-1 *credit* (its expected correctness
+under random tie-breaking), so ties never flatter a model; precision, F1, the confusions and
+the prediction shift need one predicted class and take the binary view, ``pred = argmax``.
+The two agree on tie-free data.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from evalstream.service.engine.report import ClassBucket, ConfusedPair, Imbalanc
 BUCKETS = ("head", "torso", "tail")
 
 
-def buckets(support: npt.NDArray[np.int64], correct: npt.NDArray[np.int64]) -> list[ClassBucket]:
+def buckets(support: npt.NDArray[np.int64], correct: npt.NDArray[np.float64]) -> list[ClassBucket]:
     """Head / torso / tail: present classes ranked by support (descending, ties by class
     index), cut into thirds of the samples. A class belongs to the bucket its first
     sample falls in: bucket = floor(3 * (samples in classes ranked before it) / n),
@@ -28,7 +34,7 @@ def buckets(support: npt.NDArray[np.int64], correct: npt.NDArray[np.int64]) -> l
     for i, name in enumerate(BUCKETS):
         cls = order[which == i]
         s = int(support[cls].sum())
-        c = int(correct[cls].sum())
+        c = float(correct[cls].sum())
         out.append(ClassBucket(name, len(cls), s, c / s if s else 0.0))
     return out
 
@@ -52,18 +58,22 @@ def top_confusions(
 def imbalance(
     label: npt.NDArray[np.int32],
     pred: npt.NDArray[np.int32],
-    correct: npt.NDArray[np.bool_],
+    credit: npt.NDArray[np.float64],
     num_classes: int,
     num_confusions: int,
 ) -> Imbalance:
+    """``credit``: each sample's top-1 credit (recall side); ``pred``: argmax (precision side)."""
     n = len(label)
     support = np.bincount(label, minlength=num_classes).astype(np.int64)
     predicted = np.bincount(pred, minlength=num_classes).astype(np.int64)
-    right = np.bincount(label[correct], minlength=num_classes).astype(np.int64)
+    right = np.bincount(label[pred == label], minlength=num_classes).astype(np.int64)
+    credited: npt.NDArray[np.float64] = np.bincount(
+        label, weights=np.asarray(credit, np.float64), minlength=num_classes
+    ).astype(np.float64)
     present = support > 0
     # Classes present in the labels or the predictions (scikit-learn's unique_labels).
     seen = present | (predicted > 0)
-    recall = right[present] / support[present]
+    recall = credited[present] / support[present]
     precision = np.divide(right, predicted, out=np.zeros(num_classes), where=predicted > 0)
     denom = support + predicted
     f1 = np.divide(2.0 * right, denom, out=np.zeros(num_classes), where=denom > 0)
@@ -71,9 +81,9 @@ def imbalance(
         balanced_accuracy=float(recall.mean()) if n else 0.0,
         macro_precision=float(precision[seen].mean()) if n else 0.0,
         macro_f1=float(f1[seen].mean()) if n else 0.0,
-        buckets=buckets(support, right),
+        buckets=buckets(support, credited),
         prediction_shift_tv=float(0.5 * np.abs(support - predicted).sum() / n) if n else 0.0,
         top_confusions=top_confusions(label, pred, num_classes, num_confusions),
         classes_present=int(present.sum()),
-        per_class=PerClass(support=support, correct=right, predicted=predicted),
+        per_class=PerClass(support=support, correct=right, predicted=predicted, credited=credited),
     )

@@ -6,16 +6,20 @@ records from any chunks and ranks merge by concatenation, paired comparisons
 can line samples up by id, and the service checkpoints records instead of
 logits.
 
-Binary form (version 1), little-endian, no pickle::
+Binary form (version 2), little-endian, no pickle::
 
     magic   b"EVREC"            5 bytes
-    version uint8 = 1
+    version uint8 = 2
     hlen    uint32              length of the JSON header
     header  JSON (utf-8)        {"n": int, "inverse_temperatures": [float...],
                                  "fields": [[name, dtype, [dims...]], ...]}
     arrays  raw bytes of each field in header order, C-contiguous
 
 Readers check magic, version, and that the payload length matches the header.
+Version 1 blobs (written before the ``ties`` column existed) still read: their ``ties``
+column is all zeros, which is what they were computed as (the old rule credited every tie
+to the label, i.e. treated the data as tie-free). Their ``pred`` is the label where the
+label tied the maximum, so on such samples the binary views keep the old convention.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 MAGIC = b"EVREC"
-VERSION = 1
+VERSION = 2
+# Versions this build reads; a version-1 blob has no ``ties`` column (read as zeros, see above).
+READABLE_VERSIONS = (1, 2)
 NO_SAMPLE_ID = -1
 
 # name -> numpy dtype (little-endian). nll_t has a second axis (the temperature grid).
@@ -38,6 +44,7 @@ FIELDS: dict[str, str] = {
     "label": "<i4",
     "pred": "<i4",
     "rank": "<u2",
+    "ties": "<u4",
     "nll": "<f4",
     "confidence": "<f4",
     "brier": "<f4",
@@ -51,10 +58,12 @@ class Records:
     """Column arrays of length n (``nll_t`` is [n, G]).
 
     ``sample_id``: -1 where the client sent no ids.
-    ``label``, ``pred``: class indices; ``pred`` is the top-1 prediction under
-    the label-favouring tie rule (``pred == label`` whenever ``rank == 0``).
+    ``label``, ``pred``: class indices; ``pred`` is ``argmax`` of the scores, the lowest
+    index among the maxima (as ``torch.argmax`` / ``numpy.argmax``).
     ``rank``: number of classes with a strictly larger score than the label's,
     capped at the engine's ``max_rank``.
+    ``ties``: number of *other* classes whose score equals the label's exactly (uint32:
+    exact for any class count, since a constant-logit row at 131,072 classes has 131,071).
     ``nll``: logsumexp(z) - z_y. ``confidence``: max softmax probability.
     ``brier``: sum_c (p_c - y_c)^2. ``entropy``: -sum_c p_c log p_c.
     ``nll_t[:, j]``: NLL at temperature 1 / inverse_temperatures[j].
@@ -64,6 +73,7 @@ class Records:
     label: npt.NDArray[np.int32]
     pred: npt.NDArray[np.int32]
     rank: npt.NDArray[np.uint16]
+    ties: npt.NDArray[np.uint32]
     nll: npt.NDArray[np.float32]
     confidence: npt.NDArray[np.float32]
     brier: npt.NDArray[np.float32]
@@ -91,8 +101,29 @@ class Records:
 
     @property
     def correct(self) -> npt.NDArray[np.bool_]:
-        """Top-1 correctness (rank 0 under the label-favouring tie rule)."""
-        return self.rank == 0
+        """The binary top-1 view: ``argmax == label`` (ties broken towards the lowest index).
+
+        For metrics that need one predicted class (precision, F1, confusions, flips,
+        McNemar). Accuracies use ``topk_credit``, its expectation under random tie-breaking."""
+        return self.pred == self.label
+
+    def topk_credit(self, k: int) -> npt.NDArray[np.float64]:
+        """Each sample's expected top-k correctness under uniformly random tie-breaking.
+
+        With ``g`` classes scoring strictly higher than the label and ``e`` others scoring
+        exactly the same, a random order of the ``e + 1`` tied classes puts the label within
+        the first ``k - g`` of them with probability ``clip((k - g) / (e + 1), 0, 1)``. It is
+        0 or 1 on tie-free rows (today's value) and exactly ``k / C`` for a constant row, so a
+        collapsed model scores chance, never 100%.
+        """
+        g = self.rank.astype(np.float64)
+        e = self.ties.astype(np.float64)
+        return np.clip((k - g) / (e + 1.0), 0.0, 1.0)
+
+    @property
+    def tied(self) -> npt.NDArray[np.bool_]:
+        """Samples whose label's score equals another class's exactly."""
+        return self.ties > 0
 
     @classmethod
     def empty(cls, inverse_temperatures: Sequence[float]) -> Records:
@@ -167,8 +198,11 @@ class Records:
         if bytes(view[:5]) != MAGIC:
             raise ValueError("not an evalstream records blob (bad magic)")
         version, hlen = struct.unpack_from("<BI", view, 5)
-        if version != VERSION:
-            raise ValueError(f"records blob version {version} is not supported (this build reads {VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"records blob version {version} is not supported (this build reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
+            )
         start = 5 + struct.calcsize("<BI")
         header = json.loads(bytes(view[start : start + hlen]))
         offset = start + hlen
@@ -184,6 +218,9 @@ class Records:
             arrays[name] = arr
         if offset != len(view):
             raise ValueError(f"records blob has {len(view) - offset} trailing bytes")
+        if version == 1:
+            # Written before ties were counted: tie-free by construction (see the module docstring).
+            arrays["ties"] = np.zeros(n, dtype=FIELDS["ties"])
         missing = set(FIELDS) - set(arrays)
         if missing:
             raise ValueError(f"records blob lacks fields {sorted(missing)}")

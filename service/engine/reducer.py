@@ -4,7 +4,8 @@ Per block of rows (z = scores upcast to float32, y = labels):
 
     m           = max_c z_c
     rank        = #{c : z_c > z_y}               (strictly larger; capped at max_rank)
-    pred        = y if rank == 0 else the first index of the max
+    ties        = #{c != y : z_c == z_y}         (exact equals; top-k credit is expected over ties)
+    pred        = the first index of the max     (argmax: the binary view, as torch/numpy)
     p           = softmax(z)                     (PyTorch's kernel, into a reused buffer)
     conf        = max_c p_c = 1 / S,  log S = -log conf,  S = sum_c exp(z_c - m)
     nll         = (m - z_y) + log S
@@ -182,6 +183,7 @@ class ChunkReducer:
             label=chunk.labels.numpy().astype(FIELDS["label"]),
             pred=ints_np[:, 0].copy(),
             rank=np.minimum(ints_np[:, 1], self.config.max_rank).astype(FIELDS["rank"]),
+            ties=ints_np[:, 2].astype(FIELDS["ties"]),
             nll=floats_np[:, 0].copy(),
             confidence=floats_np[:, 1].copy(),
             brier=floats_np[:, 2].copy(),
@@ -227,9 +229,9 @@ class ChunkReducer:
         """The block loop: outputs filled block by block on the device."""
         n = labels.shape[0]
         g = len(self.config.inverse_temperatures)
-        # Output columns: nll, conf, brier, entropy, nll_t...; pred, rank; logsumexp per row.
+        # Output columns: nll, conf, brier, entropy, nll_t...; pred, rank, ties; logsumexp per row.
         floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
-        ints = torch.empty((n, 2), dtype=torch.int32, device=self.device)
+        ints = torch.empty((n, 3), dtype=torch.int32, device=self.device)
         lse = torch.empty(n, dtype=torch.float32, device=self.device)
         labels_dev = labels.to(self.device, non_blocking=True)
         for start in range(0, n, self.rows):
@@ -286,6 +288,7 @@ class ChunkReducer:
         m = torch.amax(z, dim=1)
         zy = z.gather(1, yy).squeeze(1)
         rank = torch.gt(z, zy.unsqueeze(1), out=work).sum(dim=1)  # exact: counts < 2**24
+        ties = torch.eq(z, zy.unsqueeze(1), out=work).sum(dim=1) - 1  # the label equals itself
         # First index of the max: weights C, C-1, ... on the positions equal to the max.
         torch.eq(z, m.unsqueeze(1), out=work).mul_(self._first_weights)
         first = self.num_classes - torch.amax(work, dim=1)
@@ -307,8 +310,9 @@ class ChunkReducer:
         out_f[:, 2] = brier
         out_f[:, 3] = entropy
         self._temperatures(z, zy, p, p2, sum_p2, nll, out_f[:, 4:])
-        out_i[:, 0] = torch.where(rank == 0, y.to(first.dtype), first)
+        out_i[:, 0] = first
         out_i[:, 1] = rank.clamp_(max=float(self.config.max_rank))
+        out_i[:, 2] = ties
 
     def _temperatures(
         self,

@@ -54,6 +54,13 @@ _STATIC: tuple[MetricInfo, ...] = (
     ),
     MetricInfo("best_temperature", "Temperature T* minimising NLL (parabolic fit in log T)", None),
     MetricInfo("calibrated_nll", "NLL at the best temperature T*", False),
+    MetricInfo(
+        "label_tie_share",
+        "Share of samples whose label's score exactly equals another class's (heavy ties mean "
+        "saturated, quantized or collapsed scores upstream)",
+        None,
+        True,
+    ),
 )
 
 

@@ -66,9 +66,14 @@ class ConfusedPair:
 
 @dataclass
 class PerClass:
+    """Per-class counts. ``correct``: samples of the class whose argmax is the class (the binary
+    view, precision's numerator); ``credited``: the class's summed top-1 credit (recall's
+    numerator; equals ``correct`` on tie-free data)."""
+
     support: npt.NDArray[np.int64]
     correct: npt.NDArray[np.int64]
     predicted: npt.NDArray[np.int64]
+    credited: npt.NDArray[np.float64]
 
 
 @dataclass
@@ -103,6 +108,8 @@ class MetricReport:
     entropy: float
     imbalance: Imbalance
     temperature: TemperatureScan
+    # Share of samples whose label's score equals another class's exactly (see metrics.py).
+    label_tie_share: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
@@ -130,6 +137,7 @@ class MetricReport:
             "prediction_shift_tv": imb.prediction_shift_tv,
             "best_temperature": self.temperature.best_temperature,
             "calibrated_nll": self.temperature.calibrated_nll,
+            "label_tie_share": self.label_tie_share,
         }
         out.update({f"accuracy_{b.name}": b.accuracy for b in imb.buckets})
         out.update({accuracy_name(k): v for k, v in self.top_k.items()})

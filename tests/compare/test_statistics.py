@@ -25,10 +25,17 @@ def _stat(name: str, records: Records) -> Statistic:
     return stat
 
 
-@pytest.fixture(scope="module")
-def records() -> Records:
+@pytest.fixture(scope="module", params=["tie-free", "tied"])
+def records(request: pytest.FixtureRequest) -> Records:
+    """Tie-free logits, and the same rounded to steps of 1/2 so that many labels tie another
+    class (the statistics must count top-1 credit exactly as the engine does)."""
     logits, labels = world(N, C, seed=7)
-    return records_of(1.5 * logits, labels, np.arange(N))
+    scores = 1.5 * logits
+    if request.param == "tied":
+        scores = np.round(2.0 * scores) / 2.0
+    recs = records_of(scores, labels, np.arange(N))
+    assert recs.tied.any() == (request.param == "tied")
+    return recs
 
 
 def test_every_ranking_metric_has_a_statistic(records: Records) -> None:

@@ -30,16 +30,28 @@ def per_sample(
     onehot = np.zeros_like(p)
     onehot[rows, labels] = 1.0
     rank = (z > zy[:, None]).sum(axis=1)
-    pred = np.where(rank == 0, labels, z.argmax(axis=1))
+    ties = (z == zy[:, None]).sum(axis=1) - 1
     return {
         "nll": lse - zy,
         "confidence": p.max(axis=1),
         "brier": ((p - onehot) ** 2).sum(axis=1),
         "entropy": -(p * logp).sum(axis=1),
         "rank": rank,
-        "pred": pred,
+        "ties": ties,
+        "pred": z.argmax(axis=1),
         "nll_t": np.stack([logsumexp(a * z) - a * zy for a in inverse_temperatures], axis=1),
     }
+
+
+def topk_credit(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
+    """Expected top-k correctness when the label and its e tied classes are ordered at random:
+    of the e + 1 tied classes, k - g fit within the top k (g strictly higher), each equally likely
+    to be the label. Written as the probability, one sample at a time."""
+    out = np.empty(len(rank))
+    for i, (g, e) in enumerate(zip(rank.tolist(), ties.tolist(), strict=True)):
+        slots = k - g
+        out[i] = 0.0 if slots <= 0 else min(1.0, slots / (e + 1))
+    return out
 
 
 def ece_guo(conf: np.ndarray, correct: np.ndarray, num_bins: int) -> tuple[float, float, float, list[int]]:

@@ -42,6 +42,7 @@ def _records_from_row_pass(
         "nll_t": f[:, 4:],
         "pred": ints[:, 0].numpy(),
         "rank": ints[:, 1].numpy(),
+        "ties": ints[:, 2].numpy(),
     }
 
 
@@ -61,6 +62,7 @@ def test_row_pass_math_matches_the_float64_reference(grid: tuple[float, ...], nu
     got = _records_from_row_pass(num_classes, cfg, data.logits, data.labels)
     exp = ref.per_sample(data.logits, data.labels, np.asarray(grid))
     np.testing.assert_array_equal(got["rank"], exp["rank"])
+    np.testing.assert_array_equal(got["ties"], exp["ties"])
     np.testing.assert_array_equal(got["pred"], exp["pred"])
     for name in FLOATS:
         np.testing.assert_allclose(got[name], exp[name], rtol=2e-6, atol=2e-6, err_msg=name)
@@ -207,7 +209,8 @@ def test_row_pass_follows_the_tie_rule() -> None:
     )
     got = _records_from_row_pass(4, EngineConfig(), z, np.array([3, 2, 3, 0]))
     np.testing.assert_array_equal(got["rank"], [0, 0, 2, 1])
-    np.testing.assert_array_equal(got["pred"], [3, 2, 0, 3])
+    np.testing.assert_array_equal(got["ties"], [3, 1, 0, 2])
+    np.testing.assert_array_equal(got["pred"], [0, 1, 0, 3])  # argmax: the lowest index of the maxima
 
 
 def test_compiled_bfloat16_ties_equal_eager(compiled: ChunkReducer) -> None:
@@ -219,4 +222,5 @@ def test_compiled_bfloat16_ties_equal_eager(compiled: ChunkReducer) -> None:
     zf = z.float().numpy()
     assert (np.sum(zf == zf[np.arange(400), y.numpy()][:, None], axis=1) > 1).sum() > 50
     np.testing.assert_array_equal(got.rank, want.rank)
+    np.testing.assert_array_equal(got.ties, want.ties)
     np.testing.assert_array_equal(got.pred, want.pred)

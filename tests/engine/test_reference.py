@@ -28,6 +28,8 @@ def case(request: pytest.FixtureRequest) -> tuple:
 def test_records_match_reference(case: tuple) -> None:
     _, data, recs, exp, _ = case
     np.testing.assert_array_equal(recs.rank, exp["rank"])
+    np.testing.assert_array_equal(recs.ties, exp["ties"])
+    assert not recs.ties.any()  # tie-free data: credit and the binary view are today's 0/1
     np.testing.assert_array_equal(recs.pred, exp["pred"])
     np.testing.assert_array_equal(recs.label, data.labels)
     np.testing.assert_array_equal(recs.sample_id, data.sample_ids)
@@ -51,6 +53,7 @@ def test_loss_and_accuracy(case: tuple) -> None:
     assert 0.05 < rep.top_k[1] < 0.95  # the data is informative but not trivial
     for k in (1, 5):
         assert rep.top_k[k] == pytest.approx((exp["rank"] < k).mean(), rel=1e-12)
+        assert rep.top_k[k] == pytest.approx(ref.topk_credit(exp["rank"], exp["ties"], k).mean(), rel=1e-12)
     assert rep.brier == pytest.approx(exp["brier"].mean(), rel=RTOL)
     assert rep.entropy == pytest.approx(exp["entropy"].mean(), rel=RTOL)
     assert running_summary(case[2]) == (pytest.approx(nll.sum(), rel=RTOL), int(correct.sum()))

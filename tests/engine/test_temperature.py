@@ -38,6 +38,7 @@ def _records_with_curve(grid: tuple[float, ...], curve: np.ndarray) -> Records:
         label=np.zeros(n, np.int32),
         pred=np.zeros(n, np.int32),
         rank=np.zeros(n, np.uint16),
+        ties=np.zeros(n, np.uint32),
         nll=np.full(n, curve[grid.index(1.0)], np.float32),
         confidence=np.full(n, 0.5, np.float32),
         brier=np.zeros(n, np.float32),

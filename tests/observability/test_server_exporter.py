@@ -94,3 +94,29 @@ def test_finalized_gauges_come_back_after_a_restart(tmp_path: Path) -> None:
     assert counters == {
         "evalstream_ingest_chunks_total": 0.0
     }  # process counters restart; gauges come from the store
+
+
+def test_a_collapsed_model_reads_near_chance_on_the_dashboard(tmp_path: Path) -> None:
+    """Constant logits (a dead network) must not show as a triumph: the accuracy gauges read chance
+    and the tie-share gauge says why."""
+    import numpy as np
+
+    from tests.observability.streaming import Data
+
+    classes = 40
+    good = make_data(1, 400, classes, 2.0)
+    collapsed = Data(np.zeros_like(good.scores), good.labels)
+    srv = start(tmp_path / "data")
+    try:
+        with grpc.insecure_channel(srv.target) as channel:  # type: ignore[attr-defined]
+            stub = service_pb2_grpc.EvalStreamServiceStub(channel)
+            key = evaluation_pb2.EvaluationKey(run="r", model="collapsed", split="validation", step=1)
+            assert stream_shard(stub, key, collapsed, rows=100)[-1].closed.finalized
+        samples = scrape(srv)
+    finally:
+        srv.stop(grace=0.5)  # type: ignore[attr-defined]
+    gauges = {name: value for name, labels, value in samples if labels.get("model") == "collapsed"}
+    assert gauges["evalstream_eval_accuracy_top1_ratio"] == pytest.approx(1 / classes, rel=1e-9)
+    assert gauges["evalstream_eval_accuracy_top5_ratio"] == pytest.approx(5 / classes, rel=1e-9)
+    assert gauges["evalstream_eval_balanced_accuracy_ratio"] == pytest.approx(1 / classes, rel=1e-9)
+    assert gauges["evalstream_eval_label_tie_share_ratio"] == 1.0
