@@ -1,24 +1,22 @@
 """Service errors and their gRPC status: one place decides which code every failure gets.
 
-Ingest and the store raise ``ServiceError`` with a status *name* so they stay
-free of gRPC types; the servicer turns it into a status with ``status_of``.
-Messages say what was wrong and what to do, because the caller reads them.
+Ingest raises ``ServiceError`` with a status *name* so it stays free of gRPC
+types; the store raises its own refusals (``service/store/errors.py``) in the
+domain's words. ``status_of`` turns either into the status a client reads,
+adding the remedy, because the caller reads the message.
 """
 
 from __future__ import annotations
 
-import errno
-import sqlite3
-
 import grpc
 from google.protobuf.message import DecodeError
 
-# The store cannot take writes: out of space (the message says to free some) ...
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_NO_SPACE_SQLITE = frozenset({"SQLITE_FULL"})
-# ... or cannot be written at all (read-only file or file system, permissions, I/O errors).
-_UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
-_UNWRITABLE_SQLITE_PREFIXES = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM")
+from evalstream.service.store import errors as store_errors
+
+# Status of an in-band chunk rejection, by its stable reason; every other reason is INVALID_ARGUMENT.
+REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
+# What a client may count on after a failed write: each commit is one transaction.
+KEPT = "chunks acknowledged before are kept"
 
 
 class ServiceError(Exception):
@@ -77,6 +75,11 @@ def status_code(name: str) -> grpc.StatusCode:
         return grpc.StatusCode.INTERNAL
 
 
+def rejection_code(reason: str) -> str:
+    """The status name a chunk rejected for ``reason`` is answered with (the store keeps the reason)."""
+    return REJECTION_CODES.get(reason, "INVALID_ARGUMENT")
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a failed RPC ends with."""
     if isinstance(exc, ServiceError):
@@ -86,39 +89,58 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, (
             f"the request is not a valid evalstream.v1 message ({exc}); strings (names) must be UTF-8"
         )
-    store = store_failure(exc)
-    if store is not None:
-        return store
+    refusal = exc if isinstance(exc, store_errors.StoreError) else store_errors.classify_os_error(exc)
+    if refusal is not None:
+        return store_status(refusal)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-def store_failure(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """A write the store could not make (disk full, read-only, I/O error): a status that says so.
+def store_status(exc: store_errors.StoreError) -> tuple[grpc.StatusCode, str]:
+    """What a store refusal means to the client, and what to do about it."""
+    e = store_errors
+    if isinstance(exc, e.StoreFull):
+        # Nothing of the failed write was committed, so what was acknowledged before is kept.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, (
+            f"the store is out of space ({exc.detail}); free space under data_dir and resend; {KEPT}"
+        )
+    if isinstance(exc, e.StoreReadOnly):
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"the store cannot be written ({exc.detail}); check that data_dir is writable and resend; {KEPT}"
+        )
+    if isinstance(exc, e.NotFound):
+        if exc.rank is None:
+            return grpc.StatusCode.NOT_FOUND, f"no evaluation with id {exc.evaluation_id!r}"
+        return grpc.StatusCode.NOT_FOUND, (
+            f"evaluation {exc.evaluation_id!r} has no shard for rank {exc.rank}; open it first"
+        )
+    if isinstance(exc, e.ShardMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION, _mismatch(exc)
+    if isinstance(exc, e.NotWritable):
+        if exc.finalized:
+            return grpc.StatusCode.FAILED_PRECONDITION, (
+                f"evaluation {exc.evaluation_id} is finalized; no more chunks are accepted (use a new step)"
+            )
+        return (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"rank {exc.rank} of evaluation {exc.evaluation_id} is closed",
+        )
+    if isinstance(exc, e.SequenceConflict):
+        return grpc.StatusCode.FAILED_PRECONDITION, (
+            f"chunk {exc.got} is not the shard's next one ({exc.expected}); resend from {exc.expected}"
+        )
+    return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
 
-    Nothing of the failed write was committed (each commit is one transaction), so
-    the message can promise that what was acknowledged before is kept.
-    """
-    kept = "chunks acknowledged before are kept"
-    if isinstance(exc, sqlite3.Error):
-        name = getattr(exc, "sqlite_errorname", "") or ""
-        if name in _NO_SPACE_SQLITE:
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
-                f"the store is out of space ({exc}); free space under data_dir and resend; {kept}"
-            )
-        if name.startswith(_UNWRITABLE_SQLITE_PREFIXES):
-            return grpc.StatusCode.UNAVAILABLE, (
-                f"the store cannot be written ({name}: {exc}); check that data_dir is writable and resend; "
-                f"{kept}"
-            )
-        return None
-    if isinstance(exc, OSError) and exc.errno is not None:
-        if exc.errno in _NO_SPACE_ERRNOS:
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, (
-                f"the store is out of space ({exc.strerror}); free space under data_dir and resend; {kept}"
-            )
-        if exc.errno in _UNWRITABLE_ERRNOS:
-            return grpc.StatusCode.UNAVAILABLE, (
-                f"the store cannot be written ({exc.strerror}); check that data_dir is writable and "
-                f"resend; {kept}"
-            )
-    return None
+
+def _mismatch(exc: store_errors.ShardMismatch) -> str:
+    said = f"evaluation {exc.name} was opened with"
+    if exc.field == "world_size":
+        return (
+            f"{said} world_size={exc.stored}, this shard says {exc.requested}; "
+            "every rank must send the same world size"
+        )
+    if exc.field == "num_classes":
+        return (
+            f"{said} num_classes={exc.stored}, this shard says {exc.requested}; "
+            "every rank must send the same class count"
+        )
+    return f"{said} score kind {exc.stored}, this shard says {exc.requested}"

@@ -41,6 +41,7 @@ from evalstream.service.errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
+    rejection_code,
 )
 from evalstream.service.settings import Settings
 from evalstream.service.staging import (
@@ -57,12 +58,12 @@ from evalstream.service.store.base import (
     EvaluationKey,
     EvaluationRow,
     Rejection,
-    SequenceConflict,
     ShardOpenRequest,
     ShardRow,
     Store,
     StoredChunk,
 )
+from evalstream.service.store.errors import SequenceConflict
 from evalstream.service.telemetry import Telemetry
 from evalstream.service.wire import DecodedChunk
 
@@ -72,10 +73,8 @@ T = TypeVar("T")
 # Safe as a Prometheus label value, a file name component and a URL path segment.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,127}$")
 DEFAULT_SPLIT = "validation"
-# Codes of in-band rejections by reason; everything else a bad chunk can be is INVALID_ARGUMENT.
 # Larger worlds are a mistake, not a job (and would never finalize): refused at open.
 MAX_WORLD_SIZE = 1 << 16
-REJECTION_CODES = {"chunk_too_large": "RESOURCE_EXHAUSTED", "evaluation_too_large": "RESOURCE_EXHAUSTED"}
 # Classes of the throwaway kernel compiled at start: any count works, the point is the compiler's
 # process-wide start-up (dynamo, inductor, the C++ toolchain), ~4-6 s of the first compile.
 WARM_UP_CLASSES = 2
@@ -147,11 +146,25 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class ChunkRejection:
+    """An in-band rejection as the client hears it: the stored reason and message, and its status."""
+
+    sequence: int
+    code: str
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, rejection: Rejection) -> ChunkRejection:
+        return cls(rejection.sequence, rejection_code(rejection.reason), rejection.reason, rejection.message)
+
+
+@dataclass(frozen=True)
 class ChunkOutcome:
     next_sequence: int
     samples_committed: int
     duplicate: bool = False
-    rejection: Rejection | None = None
+    rejection: ChunkRejection | None = None
 
 
 @dataclass(frozen=True)
@@ -525,14 +538,12 @@ class Coordinator:
         Stops at a sequence conflict (the loop sorts the rest out chunk by chunk).
         """
         chunks = [
-            ChunkCommit(s.sequence, rejection=_rejection(s.sequence, p.reason, p.message))
+            ChunkCommit(s.sequence, rejection=Rejection(s.sequence, p.reason, p.message))
             if isinstance(p, ChunkError)
             else ChunkCommit(s.sequence, p.samples, p.records, p.nll_sum, p.correct)
             for s, p in zip(segments, parts, strict=True)
         ]
-        return self.store.commit_chunks(
-            lease.evaluation_id, lease.rank, chunks, self.settings.max_samples_per_evaluation
-        )
+        return self.store.commit_chunks(lease.evaluation_id, lease.rank, chunks)
 
     def _outcome(
         self, lease: Lease, segment: Segment, part: _Reduced | ChunkError, stored: StoredChunk
@@ -542,7 +553,7 @@ class Coordinator:
         self._update(lease, shard)
         if rejection is not None:
             self.telemetry.rejected_chunks.labels(reason=rejection.reason).inc()
-            return ChunkOutcome(shard.next_sequence, shard.samples, rejection=rejection)
+            return ChunkOutcome(shard.next_sequence, shard.samples, rejection=ChunkRejection.of(rejection))
         assert isinstance(part, _Reduced)
         self.telemetry.chunks.inc()
         self.telemetry.samples.inc(part.samples)
@@ -551,33 +562,26 @@ class Coordinator:
 
     async def _duplicate(self, lease: Lease, sequence: int) -> ChunkOutcome:
         self.telemetry.duplicate_chunks.inc()
-        rejection = await self._in_io(self.store.rejection, lease.evaluation_id, lease.rank, sequence)
+        stored = await self._in_io(self.store.rejection, lease.evaluation_id, lease.rank, sequence)
+        rejection = None if stored is None else ChunkRejection.of(stored)
         return ChunkOutcome(lease.next_sequence, lease.samples, duplicate=True, rejection=rejection)
 
     async def _commit(self, lease: Lease, sequence: int, reduced: _Reduced) -> ChunkOutcome:
         started = time.perf_counter()
-        try:
-            shard = await self._in_io(
-                self.store.commit_chunk,
-                lease.evaluation_id,
-                lease.rank,
-                sequence,
-                reduced.samples,
-                reduced.records,
-                reduced.nll_sum,
-                reduced.correct,
-                self.settings.max_samples_per_evaluation,
-            )
-        except ResourceExhausted as exc:
-            return await self._reject(lease, sequence, "evaluation_too_large", exc.message)
-        except SequenceConflict as exc:
-            return await self._resync(lease, exc)
+        chunk = ChunkCommit(sequence, reduced.samples, reduced.records, reduced.nll_sum, reduced.correct)
+        (stored,) = await self._in_io(self.store.commit_chunks, lease.evaluation_id, lease.rank, [chunk])
+        if isinstance(stored, SequenceConflict):
+            return await self._resync(lease, stored)
         self.telemetry.commit_seconds.observe(time.perf_counter() - started)
-        self._update(lease, shard)
+        self._update(lease, stored.shard)
+        if stored.rejection is not None:
+            self.telemetry.rejected_chunks.labels(reason=stored.rejection.reason).inc()
+            rejection = ChunkRejection.of(stored.rejection)
+            return ChunkOutcome(stored.shard.next_sequence, stored.shard.samples, rejection=rejection)
         self.telemetry.chunks.inc()
         self.telemetry.samples.inc(reduced.samples)
         self.telemetry.bytes.inc(reduced.num_bytes)
-        return ChunkOutcome(shard.next_sequence, shard.samples)
+        return ChunkOutcome(stored.shard.next_sequence, stored.shard.samples)
 
     def _reduce(self, lease: Lease, chunk: DecodedChunk) -> _Reduced:
         """Reduce one chunk in a worker thread: zero-copy views in, a records blob out."""
@@ -620,14 +624,16 @@ class Coordinator:
         return parts
 
     async def _reject(self, lease: Lease, sequence: int, reason: str, message: str) -> ChunkOutcome:
-        rejection = _rejection(sequence, reason, message)
-        try:
-            shard = await self._in_io(self.store.reject_chunk, lease.evaluation_id, lease.rank, rejection)
-        except SequenceConflict as exc:
-            return await self._resync(lease, exc)
+        rejection = Rejection(sequence, reason, message)
+        chunk = ChunkCommit(sequence, rejection=rejection)
+        (stored,) = await self._in_io(self.store.commit_chunks, lease.evaluation_id, lease.rank, [chunk])
+        if isinstance(stored, SequenceConflict):
+            return await self._resync(lease, stored)
         self.telemetry.rejected_chunks.labels(reason=reason).inc()
-        self._update(lease, shard)
-        return ChunkOutcome(shard.next_sequence, shard.samples, rejection=rejection)
+        self._update(lease, stored.shard)
+        return ChunkOutcome(
+            stored.shard.next_sequence, stored.shard.samples, rejection=ChunkRejection.of(rejection)
+        )
 
     async def _resync(self, lease: Lease, exc: SequenceConflict) -> ChunkOutcome:
         """The store is ahead of the lease (a previous stream's commit landed late): it was a retry."""
@@ -695,14 +701,7 @@ class Coordinator:
 
     async def _finalize(self, row: EvaluationRow) -> EvaluationRow:
         result, merged, num_samples = await self._in_worker(self._merge, row)
-        finalized = await self._in_io(
-            self.store.finalize,
-            row.evaluation_id,
-            result,
-            merged,
-            num_samples,
-            self.settings.retention_keep_latest,
-        )
+        finalized = await self._in_io(self.store.finalize, row.evaluation_id, result, merged, num_samples)
         self.telemetry.finalized.inc()
         log.info("finalized %s (%d samples)", _name(row.key), num_samples)
         return finalized
@@ -731,7 +730,7 @@ class Coordinator:
                 log.warning("could not finalize %s after restart: %s", _name(row.key), exc.message)
         keep = self.settings.retention_keep_latest
         if keep > 0:
-            dropped = await self._in_io(self.store.apply_retention, keep)
+            dropped = await self._in_io(self.store.apply_retention)
             if dropped:
                 log.info("retention (keep latest %d): dropped records of %d evaluations", keep, len(dropped))
 
@@ -774,10 +773,6 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 def _name(key: EvaluationKey) -> str:
     return f"{key.run}/{key.model}/{key.split}@{key.step}"
-
-
-def _rejection(sequence: int, reason: str, message: str) -> Rejection:
-    return Rejection(sequence, REJECTION_CODES.get(reason, "INVALID_ARGUMENT"), reason, message)
 
 
 def _rows(records: Records, start: int, stop: int) -> Records:

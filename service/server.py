@@ -33,6 +33,7 @@ from evalstream.service.exporter import QualityCollector
 from evalstream.service.ingest import Coordinator
 from evalstream.service.servicer import EvalStreamServicer, add_to_server
 from evalstream.service.settings import Settings
+from evalstream.service.status import StoreFinalized
 from evalstream.service.store import SqliteStore
 from evalstream.service.telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
 from evalstream.v1 import service_pb2
@@ -68,7 +69,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
-        self.store = SqliteStore(settings.data_path, settings.store_synchronous)
+        self.store = SqliteStore(settings.data_path, settings.store_synchronous, settings.store_policy())
         self.coordinator = Coordinator(self.store, settings, self.telemetry)
         self.health = health_aio.HealthServicer()
         self.metrics: MetricsEndpoint | None = None
@@ -109,7 +110,9 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_address:
             self.telemetry.registry.register(
-                QualityCollector(self.store, self.coordinator, max_series=s.exporter_max_series)
+                QualityCollector(
+                    StoreFinalized(self.store), self.coordinator, max_series=s.exporter_max_series
+                )
             )
             self.metrics = self._serve_metrics()
         log.info(

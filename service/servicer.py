@@ -376,9 +376,7 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             k = request.key
             key = evaluation_key(k.run, k.model, k.split, k.step)
             row = await self._resolve(key.run, key.model, key.split, key.step)
-            row = await self._io(
-                self.store.set_pinned, row.evaluation_id, request.pinned, self.settings.retention_keep_latest
-            )
+            row = await self._io(self.store.set_pinned, row.evaluation_id, request.pinned)
             return service_pb2.PinEvaluationResponse(evaluation=evaluation_to_pb(row))
 
         return await self._unary(context, "PinEvaluation", run)  # type: ignore[no-any-return]

@@ -24,6 +24,7 @@ import yaml
 
 from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
 from evalstream.service.engine.registry import direction
+from evalstream.service.store.base import StorePolicy
 
 ENV_PREFIX = "EVALSTREAM_"
 MIB = 1 << 20
@@ -191,6 +192,10 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def store_policy(self) -> StorePolicy:
+        """The limits and retention the store applies to every write."""
+        return StorePolicy(self.max_samples_per_evaluation, self.retention_keep_latest)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -1,23 +1,40 @@
-"""The small interface every store implements (SQLite now; a shared store for replicas later).
+"""The store's contract: the domain values it takes and returns, and the ``Store`` interface.
 
 The store owns durable state only: evaluations, shard progress (next sequence
 number, committed samples), the per-chunk records of open evaluations, and the
 merged records and result of finalized ones. Each method is one atomic step,
-so ingest never acknowledges anything the store has not committed.
-Methods are blocking; async callers run them in an executor.
+so ingest never acknowledges anything the store has not committed. Methods are
+blocking; async callers run them in an executor.
+
+Everything here is plain data: no gRPC status, no protobuf message. A result is
+the opaque bytes the caller serialized; a refusal is an exception from
+``service/store/errors.py``. Limits and retention are given once, at
+construction (``StorePolicy``), so every backend applies the same ones.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evalstream.service.errors import ResourceExhausted
-from evalstream.service.status import FinalizedView
+from evalstream.service.store.errors import SequenceConflict
 
 OPEN = "open"
 FINALIZED = "finalized"
+# The reason a chunk is refused when it would take its evaluation over max_samples_per_evaluation.
+TOO_LARGE = "evaluation_too_large"
+
+
+@dataclass(frozen=True)
+class StorePolicy:
+    """Limits and retention a store applies to every write."""
+
+    # A chunk that would take its evaluation over this many samples is refused (TOO_LARGE).
+    max_samples_per_evaluation: int = 1 << 62
+    # Per-sample records are kept for the latest N finalized evaluations of each series (and pinned
+    # ones); older ones keep their metrics only. 0 keeps all.
+    retention_keep_latest: int = 0
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,11 @@ class EvaluationKey:
     model: str
     split: str
     step: int
+
+    @property
+    def name(self) -> str:
+        """run/model/split@step, as messages and logs name an evaluation."""
+        return f"{self.run}/{self.model}/{self.split}@{self.step}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,7 @@ class EvaluationRow:
     ranks_closed: int
     pinned: bool
     records_available: bool
-    # Serialized evalstream.v1.EvaluationResult, once finalized.
+    # The result the caller stored at finalize (opaque bytes to the store), once finalized.
     result: bytes | None
 
     @property
@@ -80,17 +102,16 @@ class ShardRow:
 
 @dataclass(frozen=True)
 class Rejection:
-    """Why a chunk was refused; kept so a retried chunk hears the same answer."""
+    """Why a chunk was refused (a stable reason key and a message); kept so a retry hears the same."""
 
     sequence: int
-    code: str
     reason: str
     message: str
 
 
 @dataclass(frozen=True)
 class ChunkCommit:
-    """One chunk of a staging block as the store takes it: its records, or why it was refused."""
+    """One chunk as the store takes it: its records, or why it was refused."""
 
     sequence: int
     samples: int = 0
@@ -108,89 +129,39 @@ class StoredChunk:
     rejection: Rejection | None = None
 
 
-# A chunk refused by ``commit_chunks`` because the evaluation would exceed max_samples.
-TOO_LARGE = ("RESOURCE_EXHAUSTED", "evaluation_too_large")
-
-
-class SequenceConflict(Exception):
-    """The chunk's sequence is not the shard's next one (a duplicate or a gap)."""
-
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"expected sequence {expected}, got {got}")
-        self.expected = expected
-        self.got = got
-
-
 class Store(ABC):
-    """Durable state of the service. Every write is atomic and durable when it returns."""
+    """Durable state of the service. Every write is atomic and durable when it returns.
+
+    Every backend passes ``tests/store/contract``; a method's refusals are the
+    ``StoreError`` subclasses its docstring names, and a failed write (no space,
+    read-only) is ``StoreFull`` / ``StoreReadOnly`` with nothing of it committed.
+    """
+
+    policy: StorePolicy
 
     @abstractmethod
     def open_shard(self, request: ShardOpenRequest) -> tuple[EvaluationRow, ShardRow]:
         """Create or join the evaluation and create or load the shard.
 
-        Raises ``FailedPrecondition`` when world size, class count or score kind
+        Raises ``ShardMismatch`` when world size, class count or score kind
         disagree with the evaluation already open.
         """
 
     @abstractmethod
-    def commit_chunk(
-        self,
-        evaluation_id: str,
-        rank: int,
-        sequence: int,
-        samples: int,
-        records: bytes | None,
-        nll_sum: float,
-        correct: int,
-        max_samples: int,
-    ) -> ShardRow:
-        """Store a chunk's records and advance the shard to ``sequence + 1`` in one transaction.
-
-        Raises ``SequenceConflict`` if ``sequence`` is not the shard's next one,
-        ``FailedPrecondition`` if the shard is closed or the evaluation finalized,
-        ``ResourceExhausted`` if the evaluation would exceed ``max_samples``.
-        """
-
     def commit_chunks(
-        self, evaluation_id: str, rank: int, chunks: Sequence[ChunkCommit], max_samples: int
+        self, evaluation_id: str, rank: int, chunks: Sequence[ChunkCommit]
     ) -> list[StoredChunk | SequenceConflict]:
-        """Commit a staging block's chunks in sequence order, as if by ``commit_chunk`` and
-        ``reject_chunk`` one after another (records + next sequence of each), in one transaction.
+        """Commit chunks (a staging block, or one chunk) in sequence order, in one transaction.
 
-        A chunk that would take the evaluation over ``max_samples`` is stored as a rejection
-        (``TOO_LARGE``) instead. A ``SequenceConflict`` stops the block: it is the last item, and the
-        chunks before it are committed. ``FailedPrecondition`` (closed shard, finalized evaluation)
-        commits nothing. This default makes one call per chunk; a store should do one transaction.
+        Each chunk's records (or its rejection) is stored together with the
+        shard's next sequence; a refused chunk consumes its sequence number and
+        changes nothing else. A chunk that would take the evaluation over
+        ``policy.max_samples_per_evaluation`` is stored as a rejection
+        (``TOO_LARGE``) instead. A ``SequenceConflict`` (a chunk not at the
+        shard's next sequence) stops the block: it is the last item, and the
+        chunks before it are committed. ``NotWritable`` (closed shard, finalized
+        evaluation) and ``NotFound`` commit nothing.
         """
-        out: list[StoredChunk | SequenceConflict] = []
-        for chunk in chunks:
-            try:
-                rejection = chunk.rejection
-                if rejection is None:
-                    try:
-                        shard = self.commit_chunk(
-                            evaluation_id,
-                            rank,
-                            chunk.sequence,
-                            chunk.samples,
-                            chunk.records,
-                            chunk.nll_sum,
-                            chunk.correct,
-                            max_samples,
-                        )
-                        out.append(StoredChunk(shard))
-                        continue
-                    except ResourceExhausted as exc:
-                        rejection = Rejection(chunk.sequence, *TOO_LARGE, exc.message)
-                out.append(StoredChunk(self.reject_chunk(evaluation_id, rank, rejection), rejection))
-            except SequenceConflict as exc:
-                out.append(exc)
-                break
-        return out
-
-    @abstractmethod
-    def reject_chunk(self, evaluation_id: str, rank: int, rejection: Rejection) -> ShardRow:
-        """Consume the rejected chunk's sequence number and remember why; nothing else changes."""
 
     @abstractmethod
     def rejection(self, evaluation_id: str, rank: int, sequence: int) -> Rejection | None:
@@ -205,13 +176,14 @@ class Store(ABC):
         """Every committed chunk's records blob of an open evaluation (rank, sequence order)."""
 
     @abstractmethod
-    def finalize(
-        self, evaluation_id: str, result: bytes, records: bytes, num_samples: int, keep_latest: int
-    ) -> EvaluationRow:
-        """Store the result and merged records, mark finalized, drop chunk rows, apply retention."""
+    def finalize(self, evaluation_id: str, result: bytes, records: bytes, num_samples: int) -> EvaluationRow:
+        """Store the result and merged records, mark finalized, drop chunk rows, apply retention.
+
+        Exactly once: finalizing an evaluation already finalized keeps what is stored.
+        """
 
     @abstractmethod
-    def apply_retention(self, keep_latest: int) -> list[str]:
+    def apply_retention(self) -> list[str]:
         """Drop records past retention in every series (not only the one just finalized); their ids.
 
         Needed at start: a lowered ``retention_keep_latest`` must not wait for
@@ -239,11 +211,12 @@ class Store(ABC):
     def shards(self, evaluation_id: str) -> list[ShardRow]: ...
 
     @abstractmethod
-    def open_shards(self) -> Iterable[tuple[EvaluationRow, ShardRow]]:
+    def open_shards(self) -> list[tuple[EvaluationRow, ShardRow]]:
         """Every shard of every evaluation not yet finalized."""
 
     @abstractmethod
-    def set_pinned(self, evaluation_id: str, pinned: bool, keep_latest: int) -> EvaluationRow: ...
+    def set_pinned(self, evaluation_id: str, pinned: bool) -> EvaluationRow:
+        """Pin (keep records whatever retention says) or unpin, then apply retention to its series."""
 
     @abstractmethod
     def final_records(self, evaluation_id: str) -> bytes | None:
@@ -254,8 +227,8 @@ class Store(ABC):
         """Open evaluations whose ranks have all closed (a crash interrupted their finalize)."""
 
     @abstractmethod
-    def latest_finalized(self) -> Iterable[FinalizedView]:
-        """The latest finalized evaluation per (run, model, split), newest first (the exporter's view)."""
+    def latest_finalized(self) -> list[EvaluationRow]:
+        """The latest finalized evaluation per (run, model, split), newest first (the exporter reads it)."""
 
     @abstractmethod
     def close(self) -> None:

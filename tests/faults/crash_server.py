@@ -13,8 +13,8 @@ returned. Nothing else changes: the server is ``evalstream.service.server.main``
 - ``finalize:after:N``  the result is stored, the closing rank has not heard so.
 
 The points sit on the public ``Store`` interface, so they name protocol steps,
-not private functions of the server. ``commit`` counts ``commit_chunk`` (a chunk on its own)
-and ``commit_chunks`` (a staging block's chunks in one transaction) together.
+not private functions of the server. ``commit`` counts ``commit_chunks`` (a staging block's
+chunks, or one chunk, committed or rejected, in one transaction).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from typing import Any
 
 METHODS = {
     "open": ("open_shard",),
-    "commit": ("commit_chunk", "commit_chunks"),
-    "reject": ("reject_chunk",),
+    "commit": ("commit_chunks",),
     "close": ("close_shard",),
     "finalize": ("finalize",),
 }

@@ -19,7 +19,7 @@ import pytest
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
-from evalstream.service.store import EvaluationKey, ShardOpenRequest, SqliteStore
+from evalstream.service.store import ChunkCommit, EvaluationKey, ShardOpenRequest, SqliteStore
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 from tests.service.conftest import NUM_CLASSES, small_settings
 from tests.service.helpers import (
@@ -158,7 +158,7 @@ def test_restart_finishes_a_finalize_a_crash_interrupted(tmp_path: Path) -> None
     for seq, start in enumerate(range(0, 90, 30)):
         part = data.part(start, start + 30)
         blob = reducer.reduce(part.scores, part.labels, part.ids).to_bytes()
-        store.commit_chunk(evaluation.evaluation_id, 0, seq, 30, blob, 0.0, 0, 10**9)
+        store.commit_chunks(evaluation.evaluation_id, 0, [ChunkCommit(seq, 30, blob)])
     store.close_shard(evaluation.evaluation_id, 0)
     store.close()
 

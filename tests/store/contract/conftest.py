@@ -1,0 +1,24 @@
+"""Every contract test runs once per backend in ``BACKENDS``: ``backend`` is its location, ``store``
+the store opened there with the default policy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from evalstream.service.store import Store
+from tests.store.contract.backends import BACKENDS, Backend
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    made = BACKENDS[request.param](tmp_path)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.open()
