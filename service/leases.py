@@ -1,0 +1,113 @@
+"""The lease table: which stream holds which rank, within the server's and each peer's limits.
+
+One stream holds a rank at a time; a second open of the same rank is ABORTED
+until the first stream's lease is dropped, which happens only after its last
+commit landed (so a reconnecting stream resumes from a settled shard). Used
+from the event loop only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from evalstream.service.errors import Aborted, ResourceExhausted
+from evalstream.service.store.base import EvaluationKey, ShardRow
+
+if TYPE_CHECKING:
+    from evalstream.service.shard_writer import ShardWriter
+
+Slot = tuple[EvaluationKey, int]
+
+
+@dataclass
+class Lease:
+    """One stream's hold on one rank of one evaluation, and where that shard stands."""
+
+    evaluation_id: str
+    key: EvaluationKey
+    rank: int
+    world_size: int
+    num_classes: int
+    score_kind: str
+    peer: str
+    next_sequence: int
+    samples: int
+    chunks: int
+    rejected: int
+    closed: bool = False
+    # Chunks accepted for processing (>= next_sequence while some are in flight).
+    accepted: int = 0
+    # Stages, reduces and commits this stream's chunks in order (set when the lease is granted).
+    writer: ShardWriter | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.accepted = max(self.accepted, self.next_sequence)
+
+    @property
+    def slot(self) -> Slot:
+        return (self.key, self.rank)
+
+    @property
+    def name(self) -> str:
+        return f"{self.key.name} rank {self.rank}"
+
+    def advance(self, shard: ShardRow) -> None:
+        """The shard as the store committed it."""
+        self.next_sequence = shard.next_sequence
+        self.samples = shard.samples
+        self.chunks = shard.chunks
+        self.rejected = shard.rejected_chunks
+        self.accepted = max(self.accepted, shard.next_sequence)
+
+
+class LeaseTable:
+    """Leases by (evaluation key, rank), and how many each peer holds."""
+
+    def __init__(self, max_open: int, max_per_peer: int) -> None:
+        self.max_open = max_open
+        self.max_per_peer = max_per_peer
+        self._leases: dict[Slot, Lease | None] = {}
+        self._per_peer: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def reserve(self, slot: Slot, peer: str) -> None:
+        """Hold the slot while the store answers the open; refused when held or over a limit."""
+        key, rank = slot
+        if slot in self._leases:
+            raise Aborted(
+                f"rank {rank} of {key.name} is held by another open stream; "
+                "retry once that stream has ended (a dropped connection is noticed within seconds)"
+            )
+        if len(self._leases) >= self.max_open:
+            raise ResourceExhausted(
+                f"this server already streams {len(self._leases)} shards (max_open_shards="
+                f"{self.max_open}); retry later or raise the limit"
+            )
+        if self._per_peer.get(peer, 0) >= self.max_per_peer:
+            raise ResourceExhausted(
+                f"this connection already streams {self._per_peer[peer]} shards "
+                f"(max_open_shards_per_connection={self.max_per_peer}); close some first"
+            )
+        self._leases[slot] = None
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+
+    def grant(self, lease: Lease) -> None:
+        """The reserved slot now belongs to ``lease``."""
+        self._leases[lease.slot] = lease
+
+    def holds(self, lease: Lease) -> bool:
+        return self._leases.get(lease.slot) is lease
+
+    def drop(self, slot: Slot, peer: str) -> None:
+        """Free the slot (idempotent)."""
+        if slot not in self._leases:
+            return
+        del self._leases[slot]
+        left = self._per_peer.get(peer, 0) - 1
+        if left > 0:
+            self._per_peer[peer] = left
+        else:
+            self._per_peer.pop(peer, None)

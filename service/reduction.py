@@ -1,0 +1,141 @@
+"""Chunks to committable records: the engine calls of ingest, run on worker threads.
+
+A stream's chunk (or staging block) becomes, per chunk, a ``Reduced`` (its
+records blob and running summary) or the ``ChunkError`` that refuses it. Nothing
+here touches the store or the event loop; ``ShardWriter`` runs these on the
+worker pool and hands the parts to the commit path in sequence order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from evalstream.service.engine import ChunkError, EngineConfig, Records
+from evalstream.service.engine.metrics import running_summary
+from evalstream.service.engine.records import FIELDS
+from evalstream.service.engine.reducer import ChunkReducer
+from evalstream.service.staging import StagingBlock
+from evalstream.service.telemetry import Telemetry
+from evalstream.service.wire import DecodedChunk
+
+T = TypeVar("T")
+# Classes of the throwaway kernel compiled at start: any count works, the point is the compiler's
+# process-wide start-up (dynamo, inductor, the C++ toolchain), ~4-6 s of the first compile.
+WARM_UP_CLASSES = 2
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """What one chunk commits: its records blob (None when empty) and the running summary."""
+
+    records: bytes | None
+    samples: int
+    nll_sum: float
+    correct: int
+    num_bytes: int
+
+
+# One chunk's reduction: its records, or why it is refused (committed as a rejection).
+Part = Reduced | ChunkError
+
+
+class ReducerPool:
+    """Reducers keyed by (classes, score kind), one per concurrent user.
+
+    A reducer holds [rows, C] scratch buffers (tens of MB at C=3,000), so they
+    are shared across streams and bounded by the worker threads, not created
+    per stream.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._free: dict[tuple[int, str], list[ChunkReducer]] = {}
+        self._tlock = threading.Lock()  # the pool is used from worker threads
+
+    def run(self, num_classes: int, score_kind: str, fn: Callable[[ChunkReducer], T]) -> T:
+        key = (num_classes, score_kind)
+        with self._tlock:
+            free = self._free.setdefault(key, [])
+            reducer = free.pop() if free else None
+        if reducer is None:
+            reducer = ChunkReducer(num_classes, self._config, score_kind)
+        try:
+            return fn(reducer)
+        finally:
+            with self._tlock:
+                self._free[key].append(reducer)
+
+
+class Reduction:
+    """The reductions of one server: pooled reducers, compute time counted in telemetry."""
+
+    def __init__(self, config: EngineConfig, telemetry: Telemetry) -> None:
+        self._reducers = ReducerPool(config)
+        self._telemetry = telemetry
+
+    def warm_up(self) -> None:
+        """Reduce a throwaway chunk, so the compiler's start-up is paid before any stream waits."""
+        scores = torch.zeros((2, WARM_UP_CLASSES))
+        labels = torch.zeros(2, dtype=torch.int64)
+        self._reducers.run(WARM_UP_CLASSES, "logits", lambda r: r.reduce(scores, labels, None))
+
+    def chunk(self, num_classes: int, score_kind: str, chunk: DecodedChunk) -> Part:
+        """One chunk on its own (empty, or larger than a block), from zero-copy views of the message."""
+        if chunk.rows == 0:
+            return Reduced(None, 0, 0.0, 0, chunk.num_bytes)
+        t0 = time.perf_counter()
+        try:
+            records = self._reducers.run(
+                num_classes, score_kind, lambda r: r.reduce(chunk.scores, chunk.labels, chunk.sample_ids)
+            )
+        except ChunkError as exc:
+            return exc
+        self._telemetry.compute_seconds.observe(time.perf_counter() - t0)
+        return _packed(records, chunk.num_bytes)
+
+    def block(self, num_classes: int, score_kind: str, block: StagingBlock) -> list[Part]:
+        """Reduce a block in one engine call and split its records by chunk.
+
+        If the block is refused (a label out of range, a NaN, ...), each chunk is
+        reduced on its own instead, so only the bad chunks are rejected, with
+        positions relative to their own chunk.
+        """
+        t0 = time.perf_counter()
+
+        def each(r: ChunkReducer) -> list[Part]:
+            try:
+                records = r.reduce(*block.views())
+                return [_packed(_rows(records, s.start, s.stop), s.num_bytes) for s in block.segments]
+            except ChunkError:
+                pass
+            out: list[Part] = []
+            for s in block.segments:
+                try:
+                    out.append(_packed(r.reduce(*block.views(s.start, s.stop)), s.num_bytes))
+                except ChunkError as exc:
+                    out.append(exc)
+            return out
+
+        parts = self._reducers.run(num_classes, score_kind, each)
+        self._telemetry.compute_seconds.observe(time.perf_counter() - t0)
+        return parts
+
+
+def _rows(records: Records, start: int, stop: int) -> Records:
+    """Rows [start, stop) of records, as views."""
+    return Records(
+        **{name: getattr(records, name)[start:stop] for name in FIELDS},
+        inverse_temperatures=records.inverse_temperatures,
+    )
+
+
+def _packed(records: Records, num_bytes: int) -> Reduced:
+    """What a chunk commits: its records blob and the running summary of its samples."""
+    nll_sum, correct = running_summary(records)
+    return Reduced(records.to_bytes(), len(records), nll_sum, correct, num_bytes)

@@ -1,0 +1,258 @@
+"""One writer per shard: a stream's chunks staged, reduced, and committed in sequence order.
+
+Ordering follows from one structure: the shard's *queue*. Every chunk the
+stream sends becomes (part of) one work item appended to it in arrival order:
+a staging block of consecutive chunks, one chunk on its own (empty, larger
+than a block, or refused while decoding), or a duplicate to answer. A single
+drain task per shard takes the items from the front, one at a time, and hands
+each to the commit path; so commits, and the acknowledgements that follow
+them, happen in sequence order by construction.
+
+Reductions are pipelined: an item's engine work starts on a worker thread the
+moment it is queued (the next block fills and reduces while the previous one
+commits); the drain task only waits for it when the item reaches the front.
+
+A staging block is flushed (queued) when it is full, when anything but the
+next chunk arrives, when the stream closes or ends, or ``FLUSH_DELAY_S`` after
+its last chunk, so a slow (or lock-step) stream still hears its
+acknowledgements. A stream whose two blocks are both busy waits for one
+(backpressure: it reads nothing meanwhile). Queued work runs to its end even if
+the stream is cancelled, so a chunk is committed whole or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from evalstream.service.commit import ChunkOutcome, Committer, Pending
+from evalstream.service.engine import ChunkError
+from evalstream.service.errors import FailedPrecondition
+from evalstream.service.leases import Lease
+from evalstream.service.reduction import Part, Reduction
+from evalstream.service.staging import StagingBlock, StagingBudget, StagingPool
+from evalstream.service.telemetry import Telemetry
+from evalstream.service.wire import DecodedChunk
+
+# A staged block is reduced after this long without a new chunk; a streaming client sends the
+# next chunk well within it.
+FLUSH_DELAY_S = 0.005
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every shard's writer of one server uses."""
+
+    reduction: Reduction
+    committer: Committer
+    budget: StagingBudget
+    block_rows: int
+    block_bytes: int
+    telemetry: Telemetry
+    in_worker: Callable[..., Awaitable[Any]]
+    # Keeps a task referenced until done, so shutdown can wait for it (Coordinator.drain).
+    track: Callable[[asyncio.Future[Any]], asyncio.Future[Any]]
+
+
+@dataclass
+class _Work:
+    """One item of the shard's queue: chunks to commit once reduced, or (parts None) a duplicate."""
+
+    sequences: list[int]
+    num_bytes: list[int]
+    outcomes: list[asyncio.Future[ChunkOutcome]]
+    parts: asyncio.Future[list[Part]] | None
+
+
+class ShardWriter:
+    """The writer of one lease's shard; all methods run on the event loop."""
+
+    def __init__(self, lease: Lease, shared: Shared) -> None:
+        self._lease = lease
+        self._shared = shared
+        self._staging: StagingPool | None = None
+        self._block: StagingBlock | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_append = 0.0
+        self._queue: deque[_Work] = deque()
+        self._drainer: asyncio.Future[None] | None = None
+
+    # -- intake -------------------------------------------------------------------------------
+
+    async def submit(self, sequence: int, decode: Callable[[], DecodedChunk]) -> asyncio.Future[ChunkOutcome]:
+        """Take one chunk and return the future of its outcome (what its acknowledgement says)."""
+        lease = self._lease
+        if lease.closed:
+            raise FailedPrecondition(f"rank {lease.rank} of {lease.key.name} is closed; open a new stream")
+        if sequence > lease.accepted:
+            raise FailedPrecondition(
+                f"sequence gap on rank {lease.rank} of {lease.key.name}: "
+                f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
+            )
+        if sequence < lease.accepted:
+            self.flush()
+            return self._enqueue([sequence], [0], None)[0]
+        lease.accepted += 1
+        t0 = time.perf_counter()
+        try:
+            chunk = decode()
+        except ChunkError as exc:
+            self.flush()
+            return self._enqueue([sequence], [0], _done([exc]))[0]
+        dtype = chunk.dtype
+        s = self._shared
+        staging = self._staging or StagingPool(lease.num_classes, s.block_rows, s.budget, s.block_bytes)
+        self._staging = staging
+        if chunk.rows == 0 or chunk.rows > staging.capacity(dtype):
+            # Empty or larger than a block: reduced on its own, from views over the message bytes.
+            self.flush()
+            parts = asyncio.ensure_future(self._reduce_chunk(chunk))
+            return self._enqueue([sequence], [chunk.num_bytes], parts)[0]
+        block = self._block
+        if block is not None and not block.accepts(chunk, dtype):
+            self.flush()
+            block = None
+        if block is None:
+            block = await staging.acquire(dtype)
+            self._block = block
+            self._arm(block, FLUSH_DELAY_S)
+        outcome = _outcome_future()
+        block.append(chunk, sequence, outcome)
+        self._last_append = time.monotonic()
+        s.telemetry.decode_seconds.observe(time.perf_counter() - t0)
+        if block.full:
+            self.flush()
+        return outcome
+
+    def flush(self) -> None:
+        """Queue the open block (its reduction starts now), if there is one."""
+        block = self._block
+        if block is None:
+            return
+        self._block = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        segments = list(block.segments)
+        parts = asyncio.ensure_future(self._reduce_block(block))
+        self._queue_work(
+            _Work(
+                [s.sequence for s in segments],
+                [s.num_bytes for s in segments],
+                [s.outcome for s in segments],
+                parts,
+            )
+        )
+
+    def end(self) -> None:
+        """The stream ended: what it sent is committed; idle staging blocks go back to the budget."""
+        self.flush()
+        if self._staging is not None:
+            self._staging.close()  # the flushed block goes back once reduced
+
+    async def settled(self) -> None:
+        """Wait until every queued item has been committed and answered."""
+        if self._drainer is not None:
+            await asyncio.wait([self._drainer])
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every queued item has been committed (now, if nothing is queued)."""
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.add_done_callback(lambda _f: callback())
+        else:
+            callback()
+
+    # -- the flush timer ----------------------------------------------------------------------
+
+    def _arm(self, block: StagingBlock, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._idle, block)
+
+    def _idle(self, block: StagingBlock) -> None:
+        """Flush a block that got no chunk for FLUSH_DELAY_S, so a slow stream still hears acks."""
+        if self._block is not block:
+            return
+        waited = time.monotonic() - self._last_append
+        if waited >= FLUSH_DELAY_S:
+            self._timer = None
+            self.flush()
+        else:
+            self._arm(block, FLUSH_DELAY_S - waited)
+
+    # -- reductions (started when queued, on worker threads) ----------------------------------
+
+    async def _reduce_chunk(self, chunk: DecodedChunk) -> list[Part]:
+        lease, reduction = self._lease, self._shared.reduction
+        return [await self._shared.in_worker(reduction.chunk, lease.num_classes, lease.score_kind, chunk)]
+
+    async def _reduce_block(self, block: StagingBlock) -> list[Part]:
+        lease, reduction = self._lease, self._shared.reduction
+        try:
+            parts: list[Part] = await self._shared.in_worker(
+                reduction.block, lease.num_classes, lease.score_kind, block
+            )
+            return parts
+        finally:
+            assert self._staging is not None
+            self._staging.release(block)
+
+    # -- the queue ----------------------------------------------------------------------------
+
+    def _enqueue(
+        self, sequences: list[int], num_bytes: list[int], parts: asyncio.Future[list[Part]] | None
+    ) -> list[asyncio.Future[ChunkOutcome]]:
+        outcomes = [_outcome_future() for _ in sequences]
+        self._queue_work(_Work(sequences, num_bytes, outcomes, parts))
+        return outcomes
+
+    def _queue_work(self, work: _Work) -> None:
+        self._queue.append(work)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = self._shared.track(asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        """Commit the queued items one at a time, front first (the only place that commits)."""
+        while self._queue:
+            await self._run(self._queue.popleft())
+
+    async def _run(self, work: _Work) -> None:
+        lease, committer = self._lease, self._shared.committer
+        try:
+            if work.parts is None:
+                work.outcomes[0].set_result(await committer.duplicate(lease, work.sequences[0]))
+                return
+            parts = await work.parts
+            batch = [
+                Pending(seq, nbytes, part, outcome)
+                for seq, nbytes, part, outcome in zip(
+                    work.sequences, work.num_bytes, parts, work.outcomes, strict=True
+                )
+            ]
+            await committer.commit(lease, batch)
+        except BaseException as exc:
+            for outcome in work.outcomes:
+                if not outcome.done():
+                    outcome.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+
+def _outcome_future() -> asyncio.Future[ChunkOutcome]:
+    fut: asyncio.Future[ChunkOutcome] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(_retrieve)
+    return fut
+
+
+def _done(parts: list[Part]) -> asyncio.Future[list[Part]]:
+    fut: asyncio.Future[list[Part]] = asyncio.get_running_loop().create_future()
+    fut.set_result(parts)
+    return fut
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a failure as seen: a stream that already ended may never await it (its status was sent)."""
+    if not fut.cancelled():
+        fut.exception()
