@@ -78,8 +78,8 @@ def _payload(rows: int, num_classes: int, seed: int) -> bytes:
     """A serialized Chunk without its sequence (appended per message): Zipf labels, leaning logits."""
     import numpy as np
 
-    from evalstream.service.wire import encode_tensor
     from evalstream.v1 import service_pb2
+    from evalstream.wire import encode_tensor
 
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, num_classes + 1)

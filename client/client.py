@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 
+from evalstream import wire
 from evalstream.client.errors import EvalStreamError, EvaluationTimeout
 from evalstream.client.stream import EvaluationStream, OnRejection, StreamOptions
 from evalstream.client.tensors import HostPool, PinnedPool
@@ -29,11 +30,6 @@ from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_
 
 DEFAULT_TARGET = "localhost:50051"
 T = TypeVar("T")
-
-_SCORE_KINDS = {
-    "logits": evaluation_pb2.SCORE_KIND_LOGITS,
-    "log_probabilities": evaluation_pb2.SCORE_KIND_LOG_PROBABILITIES,
-}
 
 
 class EvalClient:
@@ -124,7 +120,7 @@ class EvalClient:
             world_size=world_size,
             num_classes=num_classes,
             dataset_size=dataset_size,
-            score_kind=_SCORE_KINDS[score_kind],
+            score_kind=wire.SCORE_KINDS[score_kind],
             pin=pin,
         )
         options = StreamOptions(

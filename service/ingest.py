@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 
 from evalstream.service.convert import result_from_report
+from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import ChunkError, EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics, running_summary
 from evalstream.service.engine.records import FIELDS
@@ -64,7 +65,6 @@ from evalstream.service.store.base import (
     StoredChunk,
 )
 from evalstream.service.telemetry import Telemetry
-from evalstream.service.wire import DecodedChunk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

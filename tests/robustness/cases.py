@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import service_pb2, tensor_pb2
+from evalstream.wire import encode_tensor
 from tests.robustness.conftest import MAX_CHUNK_ROWS, MAX_MESSAGE_BYTES, NUM_CLASSES
 from tests.support.lockstep import Request, chunk_request, close_request, open_request
 
