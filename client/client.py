@@ -25,6 +25,7 @@ from evalstream.client.transport import (
     TLSConfig,
     call_with_retry,
     make_channel,
+    token_metadata,
 )
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
 
@@ -57,7 +58,7 @@ class EvalClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = max_message_bytes
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = token_metadata(token) if token else ()
         self._channel = make_channel(target, credentials, max_message_bytes, builtins.list(channel_options))
         # Host and pinned buffers shared by this client's streams (see EvaluationStream).
         self._pools = (PinnedPool(), HostPool())

@@ -170,7 +170,7 @@ def _len_parts(number: int, parts: list[Part]) -> list[Part]:
 def _tensor_parts(dtype: int, array: npt.NDArray[Any]) -> list[Part]:
     """A Tensor message as the parts to join, the payload a view of ``array`` (not copied)."""
     dims = b"".join(_varint_bytes(int(d) & (1 << 64) - 1) for d in array.shape)
-    fields = [(TENSOR_DTYPE, [_varint_field(TENSOR_DTYPE, dtype)])]
+    fields: list[tuple[int, list[Part]]] = [(TENSOR_DTYPE, [_varint_field(TENSOR_DTYPE, dtype)])]
     if dims:
         fields.append((TENSOR_SHAPE, _len_parts(TENSOR_SHAPE, [dims])))
     if array.nbytes:
@@ -191,7 +191,7 @@ def encode_chunk_request(
     """A serialized ``StreamEvaluationRequest{chunk}``, byte for byte what protobuf writes, with one
     copy of the arrays (protobuf would copy each payload once per nesting level and again to
     serialize: ~1.5 ms per 1 MiB chunk, more than the rest of the client together)."""
-    fields = [
+    fields: list[tuple[int, list[Part]]] = [
         (CHUNK_SEQUENCE, [_varint_field(CHUNK_SEQUENCE, sequence)]),
         (CHUNK_SCORES, _len_parts(CHUNK_SCORES, _tensor_parts(*scores))),
         (CHUNK_LABELS, _len_parts(CHUNK_LABELS, _tensor_parts(*labels))),

@@ -81,7 +81,9 @@ CHECK = textwrap.dedent(
 )
 
 
-def _compile(tmp_path: Path, edit: dict[str, list[tuple[str, str, int]]], retype: str = "") -> Path:
+def _compile(
+    tmp_path: Path, edit: dict[str, list[tuple[str, str, int]]], retype: tuple[str, str] = ("", "")
+) -> Path:
     """proto/ copied and edited (fields renumbered, ``retype`` applied), compiled into tmp_path/out."""
     src = tmp_path / "proto"
     shutil.copytree(ROOT / "proto", src)
@@ -94,8 +96,8 @@ def _compile(tmp_path: Path, edit: dict[str, list[tuple[str, str, int]]], retype
             body, n = re.subn(rf"(\b{field} = )\d+;", rf"\g<1>{number};", block.group(0))
             assert n == 1, (message, field)
             text = text.replace(block.group(0), body)
-        if retype and name == "service.proto":
-            text = text.replace(*retype.split("->"))
+        if name == "service.proto":
+            text = text.replace(*retype)
         path.write_text(text)
     out = tmp_path / "out"
     out.mkdir()
@@ -126,9 +128,9 @@ def test_the_module_follows_a_renumbered_contract(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "retype", ["uint64 sequence = 1;->int64 sequence = 1;", "Tensor labels = 3;->bytes labels = 3;"]
+    "retype", [("uint64 sequence = 1;", "int64 sequence = 1;"), ("Tensor labels = 3;", "bytes labels = 3;")]
 )
-def test_a_field_the_module_cannot_follow_stops_its_import(tmp_path: Path, retype: str) -> None:
+def test_a_field_the_module_cannot_follow_stops_its_import(tmp_path: Path, retype: tuple[str, str]) -> None:
     proc = _run(_compile(tmp_path, {"service.proto": []}, retype))
     assert proc.returncode != 0
     assert "changed its type or cardinality; evalstream/wire.py must follow" in proc.stderr
