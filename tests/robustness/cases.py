@@ -312,6 +312,9 @@ OPEN_CASES = [
     OpenCase(
         "unknown score kind", lambda m: _open(m, score_kind=7), grpc.StatusCode.INVALID_ARGUMENT, "score_kind"
     ),
+    OpenCase(
+        "unknown ack mode", lambda m: _open(m, ack_mode=7), grpc.StatusCode.INVALID_ARGUMENT, "ack_mode"
+    ),
     OpenCase("non-UTF-8 run", _non_utf8, grpc.StatusCode.INVALID_ARGUMENT, "UTF-8"),
     OpenCase(
         "unknown field in OpenShard",
