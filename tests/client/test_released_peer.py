@@ -26,7 +26,16 @@ from evalstream.service.server import BackgroundServer
 from tests.client.conftest import FAST_RETRY, NUM_CLASSES, make_batches
 
 ROOT = Path(__file__).resolve().parents[2]
-RELEASE = re.search(r"^RELEASE := (\w+)$", (ROOT / "Makefile").read_text(), re.M).group(1)  # type: ignore[union-attr]
+
+
+def _release() -> str:
+    """The last release's commit, as the Makefile names it for ``make breaking``."""
+    found = re.search(r"^RELEASE := (\w+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert found, "the Makefile names no RELEASE"
+    return found.group(1)
+
+
+RELEASE = _release()
 
 SERVE = textwrap.dedent(
     """
@@ -76,10 +85,10 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _in_release(release: Path, script: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+def _in_release(release: Path, script: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
     # cwd first on sys.path: ``evalstream`` is the release's, not this checkout's.
     return subprocess.Popen(
-        [sys.executable, "-c", script, *args], cwd=release, text=True, stdout=subprocess.PIPE, **kwargs
+        [sys.executable, "-c", script, *args], cwd=release, text=True, stdin=stdin, stdout=subprocess.PIPE
     )
 
 
