@@ -9,13 +9,14 @@ copy). Everything else (open, close, and any chunk that is not in the plain form
 through protobuf unchanged, so unknown fields are refused and malformed input fails as protobuf
 makes it fail.
 
-Every field number and wire type comes from the generated descriptors, never from a literal: a
-change to ``proto/evalstream/v1`` either flows through or fails at import (``_field``), and
-tests/wire/ check both directions against protobuf under a renumbered contract too.
+Every field number and wire type comes from the generated descriptors, never from a literal, and
+fields are written in protobuf's order (by number): a change to ``proto/evalstream/v1`` either
+flows through or stops the import (``_field``). tests/service/test_wire_contract.py checks both
+directions against protobuf under a renumbered contract.
 
-The request's payloads are a dispatch table (``_PAYLOADS``: request field number -> reader); a
-second payload kind sits beside the chunk as one more reader and one more encoder built from the
-same primitives (``_varint``, ``_length``, ``len_field``, ``_tensor``).
+Payloads are read through a dispatch table (``_PAYLOADS``: the request field's tag -> reader), so a
+second payload kind sits beside the chunk as one more reader (built from ``_varint``, ``_length``,
+``_tensor``) and one more encoder (from ``_in_order``, ``_len_parts``, ``_tensor_parts``).
 
 Constants both ends share are defined only here: dtype codes and their numpy forms, score kinds,
 the legacy acknowledgement metadata. torch is never imported: a torch tensor can only be passed in
@@ -120,7 +121,8 @@ def is_tensor(x: object) -> bool:
 
 
 def host_array(x: Any) -> npt.NDArray[Any]:
-    """A numpy view of a host torch tensor, bfloat16 as its int16 bit patterns; a numpy array as is.
+    """A numpy view of a host torch tensor or array, bfloat16 as its int16 bit patterns (numpy has no
+    bfloat16; an ``ml_dtypes`` array is viewed the same way); other arrays as they are.
 
     The one place bfloat16 becomes int16: the client's host copies, the server's staging blocks and
     :func:`encode_tensor` all read it through here.
@@ -192,7 +194,7 @@ _chunk_message = _in_order(CHUNK_SEQUENCE, CHUNK_SCORES, CHUNK_LABELS, CHUNK_SAM
 
 def _tensor_parts(dtype: int, array: npt.NDArray[Any]) -> list[Part]:
     """A Tensor message as the parts to join, the payload a view of ``array`` (not copied)."""
-    fields = {TENSOR_DTYPE: [varint_field(TENSOR_DTYPE, dtype)]}
+    fields: dict[int, list[Part]] = {TENSOR_DTYPE: [varint_field(TENSOR_DTYPE, dtype)]}
     if array.ndim:
         dims = b"".join([_varint_bytes(int(d) & _MASK64) for d in array.shape])
         fields[TENSOR_SHAPE] = _len_parts(TENSOR_SHAPE, [dims])
@@ -214,7 +216,7 @@ def encode_chunk_request(
     """A serialized ``StreamEvaluationRequest{chunk}``, byte for byte what protobuf writes, with one
     copy of the arrays (protobuf would copy each payload once per nesting level and again to
     serialize: ~1.5 ms per 1 MiB chunk, more than the rest of the client together)."""
-    fields = {
+    fields: dict[int, list[Part]] = {
         CHUNK_SEQUENCE: [varint_field(CHUNK_SEQUENCE, sequence)],
         CHUNK_SCORES: _len_parts(CHUNK_SCORES, _tensor_parts(*scores)),
         CHUNK_LABELS: _len_parts(CHUNK_LABELS, _tensor_parts(*labels)),
