@@ -134,3 +134,25 @@ def test_a_field_the_module_cannot_follow_stops_its_import(tmp_path: Path, retyp
     proc = _run(_compile(tmp_path, {"service.proto": []}, retype))
     assert proc.returncode != 0
     assert "changed its type or cardinality; evalstream/wire.py must follow" in proc.stderr
+
+
+def test_the_wire_module_needs_no_torch() -> None:
+    """Both directions run in a process without torch: numpy users and the CLI never load it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from evalstream import wire
+        import evalstream.client
+
+        scores = np.ones((2, 3), "<f4")
+        data = wire.encode_chunk_request(
+            4, wire.WireTensor(1, scores), wire.WireTensor(5, np.array([0, 2], "<i8")), None
+        )
+        chunk = wire.parse_stream_request(data)
+        assert isinstance(chunk, wire.RawChunk) and chunk.sequence == 4
+        assert "torch" not in sys.modules, "torch was imported"
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
