@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch is installed on its own, pinned, so pip never reaches for a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# The last released contract: `make breaking` (part of `make lint`) checks proto/ stays compatible with it.
+# Move it forward when a release is cut.
+RELEASE := a8a4cd0
 
-.PHONY: serve test lint typecheck package unit proto bench demo clean
+.PHONY: serve test lint breaking typecheck package unit proto bench demo clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +35,13 @@ lint: evalstream/v1/service_pb2.py
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd proto && ../$(BIN)/buf lint
+	$(MAKE) breaking
+
+# Old clients and servers must keep working with new ones: no field renumbered, retyped or removed
+# since the release (buf's FILE rules). Needs the release commit in the clone's history.
+breaking: $(STAMP)
+	@git cat-file -e $(RELEASE)^{commit} 2>/dev/null || { echo "make breaking: commit $(RELEASE) (the last release) is not in this clone; fetch full history (git fetch --unshallow)"; exit 1; }
+	cd proto && ../$(BIN)/buf breaking --against "../.git#ref=$(RELEASE),subdir=proto"
 
 typecheck: evalstream/v1/service_pb2.py
 	$(BIN)/python tools/typecheck.py

@@ -78,8 +78,8 @@ def _payload(rows: int, num_classes: int, seed: int) -> bytes:
     """A serialized Chunk without its sequence (appended per message): Zipf labels, leaning logits."""
     import numpy as np
 
-    from evalstream.service.wire import encode_tensor
     from evalstream.v1 import service_pb2
+    from evalstream.wire import encode_tensor
 
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, num_classes + 1)
@@ -89,19 +89,12 @@ def _payload(rows: int, num_classes: int, seed: int) -> bytes:
     return service_pb2.Chunk(scores=encode_tensor(scores), labels=encode_tensor(labels)).SerializeToString()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _chunk_message(payload: bytes, sequence: int) -> bytes:
     """StreamEvaluationRequest{chunk: payload + sequence}: protobuf fields may come in any order."""
-    chunk = payload + b"\x08" + _varint(sequence)  # Chunk.sequence = field 1, varint
-    return b"\x12" + _varint(len(chunk)) + chunk  # StreamEvaluationRequest.chunk = field 2
+    from evalstream import wire
+
+    chunk = payload + wire.varint_field(wire.CHUNK_SEQUENCE, sequence)
+    return wire.len_field(wire.REQUEST_CHUNK, len(chunk)) + chunk
 
 
 def _stream(

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 
+from evalstream import wire
 from evalstream.client.errors import EvalStreamError, EvaluationTimeout
 from evalstream.client.stream import EvaluationStream, OnRejection, StreamOptions
 from evalstream.client.tensors import HostPool, PinnedPool
@@ -24,16 +25,12 @@ from evalstream.client.transport import (
     TLSConfig,
     call_with_retry,
     make_channel,
+    token_metadata,
 )
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 T = TypeVar("T")
-
-_SCORE_KINDS = {
-    "logits": evaluation_pb2.SCORE_KIND_LOGITS,
-    "log_probabilities": evaluation_pb2.SCORE_KIND_LOG_PROBABILITIES,
-}
 
 
 class EvalClient:
@@ -61,7 +58,7 @@ class EvalClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = max_message_bytes
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = token_metadata(token) if token else ()
         self._channel = make_channel(target, credentials, max_message_bytes, builtins.list(channel_options))
         # Host and pinned buffers shared by this client's streams (see EvaluationStream).
         self._pools = (PinnedPool(), HostPool())
@@ -124,7 +121,7 @@ class EvalClient:
             world_size=world_size,
             num_classes=num_classes,
             dataset_size=dataset_size,
-            score_kind=_SCORE_KINDS[score_kind],
+            score_kind=wire.SCORE_KINDS[score_kind],
             pin=pin,
         )
         options = StreamOptions(

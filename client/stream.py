@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import grpc
 
+from evalstream import wire
 from evalstream.client.errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
 from evalstream.client.tensors import (
     HostBatch,
@@ -38,10 +39,10 @@ from evalstream.v1 import evaluation_pb2, service_pb2
 
 OnRejection = Literal["raise", "collect"]
 STREAM_METHOD = "/evalstream.v1.EvalStreamService/StreamEvaluation"
-# Tells the server this client takes one acknowledgement for several chunks (its next_sequence covers
-# them all): a staging block's chunks commit together, and one message instead of ~12 saves both ends
-# a receive, a parse and a wake-up per chunk.
-ACKS_METADATA = ("evalstream-acks", "cumulative")
+# The OpenShard field that asks for cumulative acknowledgements, and how a server that predates it
+# names it when it refuses the open (it refuses every field it does not know).
+_ACK_MODE_FIELD = service_pb2.OpenShard.DESCRIPTOR.fields_by_name["ack_mode"].number
+_UNKNOWN_ACK_MODE = f"StreamEvaluationRequest.open field {_ACK_MODE_FIELD}"
 
 
 def raw_stream_call(channel: grpc.Channel) -> Any:
@@ -137,7 +138,12 @@ class EvaluationStream:
         pools: tuple[PinnedPool, HostPool] | None = None,
     ) -> None:
         self._stream_call = raw_stream_call(channel)
-        self._open = open_request
+        # One acknowledgement for several chunks (its next_sequence covers them all): a staging block's
+        # chunks commit together, and one message instead of ~12 saves both ends a receive, a parse
+        # and a wake-up per chunk.
+        self._open = service_pb2.OpenShard()
+        self._open.CopyFrom(open_request)
+        self._open.ack_mode = service_pb2.ACK_MODE_CUMULATIVE
         self._metadata = metadata
         self._opt = options
         self._waiter = waiter
@@ -351,6 +357,8 @@ class EvaluationStream:
                     return
             err = session.error
             code = err.code() if isinstance(err, grpc.Call) else None
+            if self._older_server(err):
+                continue
             if not (code in RETRYABLE or isinstance(err, _StreamEnded)):
                 self._fail(self._describe(err), err)
                 return
@@ -363,6 +371,20 @@ class EvaluationStream:
                 self.stats.reconnects += 1
                 if self._cv.wait_for(lambda: self._aborted, self._opt.retry.backoff(attempt)):
                     return
+
+    def _older_server(self, err: BaseException | None) -> bool:
+        """A server that predates ``OpenShard.ack_mode`` refused it: ask as its clients did (gRPC
+        metadata) and open again at once."""
+        if not (
+            isinstance(err, grpc.Call)
+            and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and _UNKNOWN_ACK_MODE in (err.details() or "")
+            and self._open.ack_mode != service_pb2.ACK_MODE_UNSPECIFIED
+        ):
+            return False
+        self._open.ClearField("ack_mode")
+        self._metadata = (*self._metadata, wire.ACKS_METADATA)
+        return True
 
     def _describe(self, err: BaseException | None) -> EvalStreamError:
         o = self._open
@@ -390,7 +412,7 @@ class EvaluationStream:
         with self._cv:
             if self._aborted:
                 return
-            call = self._stream_call(requests(), metadata=(*self._metadata, ACKS_METADATA))
+            call = self._stream_call(requests(), metadata=self._metadata)
             self._call = call
         reader: threading.Thread | None = None
         try:

@@ -13,7 +13,6 @@ not pay for loading it.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,29 +21,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from evalstream import wire
 from evalstream.v1 import service_pb2, tensor_pb2
 
 if TYPE_CHECKING:
     import torch
 
-_SCORE_WIRE: dict[str, int] = {
-    "float32": tensor_pb2.DATA_TYPE_FLOAT32,
-    "float16": tensor_pb2.DATA_TYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DATA_TYPE_BFLOAT16,
-}
-_INT_WIRE: dict[str, int] = {"int32": tensor_pb2.DATA_TYPE_INT32, "int64": tensor_pb2.DATA_TYPE_INT64}
+_SCORE_NAMES = ("float32", "float16", "bfloat16")
 # The server's default cap on rows per chunk (max_chunk_rows).
 MAX_CHUNK_ROWS = 65536
 
 
-def _is_tensor(x: object) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+_is_tensor = wire.is_tensor
 
 
 def _torch_score_name(dtype: torch.dtype) -> str | None:
     name = str(dtype).rsplit(".", 1)[-1]
-    return name if name in _SCORE_WIRE else None
+    return name if name in _SCORE_NAMES else None
 
 
 @dataclass
@@ -73,10 +66,10 @@ class HostBatch:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
-        self.scores = _as_numpy(self.scores)
-        self.labels = _as_numpy(self.labels)
+        self.scores = wire.host_array(self.scores)
+        self.labels = wire.host_array(self.labels)
         if self.sample_ids is not None:
-            self.sample_ids = _as_numpy(self.sample_ids)
+            self.sample_ids = wire.host_array(self.sample_ids)
 
     def release(self) -> None:
         """Give pinned buffers back to their pool; the arrays must not be used afterwards."""
@@ -150,23 +143,12 @@ def _pooled_copy(x: Any, batch: HostBatch, pool: HostPool) -> npt.NDArray[Any]:
     threads, which then spin-wait after the copy and take CPU from the
     training loop and the sender (measured: 3x the client's CPU per sample).
     """
-    src = _as_numpy(x) if _is_tensor(x) else x
+    src = wire.host_array(x) if _is_tensor(x) else x
     buf = pool.take(src.nbytes)
     batch.releases.append(lambda: pool.give(buf))
     host = buf.view(src.dtype).reshape(src.shape)
     np.copyto(host, src)
     return host
-
-
-def _as_numpy(x: Any) -> npt.NDArray[Any]:
-    """A numpy view of a host tensor (bfloat16 as its int16 bit pattern), or x itself."""
-    if _is_tensor(x):
-        import torch
-
-        if x.dtype == torch.bfloat16:
-            x = x.view(torch.int16)
-        return x.numpy()
-    return x  # type: ignore[no-any-return]
 
 
 def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
@@ -214,7 +196,7 @@ def _torch_host(
         if host_pool is not None and role == "scores" and x.numel():
             return _pooled_copy(x, batch, host_pool)
         x = x.clone(memory_format=torch.contiguous_format)
-    return _as_numpy(x)
+    return wire.host_array(x)
 
 
 def _numpy_host(
@@ -224,8 +206,8 @@ def _numpy_host(
     a = np.asarray(x)
     if role == "scores":
         if a.dtype.name == "bfloat16":  # e.g. ml_dtypes.bfloat16
-            a = a.view(np.int16)
-        elif a.dtype.name not in _SCORE_WIRE:
+            a = wire.host_array(a)
+        elif a.dtype.name not in _SCORE_NAMES:
             if a.dtype.kind != "f":
                 raise TypeError(f"scores must be floating point, got {a.dtype}")
             return np.ascontiguousarray(a, dtype="<f4")
@@ -243,9 +225,9 @@ def _numpy_host(
 
 def _score_wire(x: Any) -> int:
     if _is_tensor(x):
-        return _SCORE_WIRE[_torch_score_name(_torch_wire_dtype(x, "scores")) or "float32"]
+        return wire.DTYPE_CODES[_torch_score_name(_torch_wire_dtype(x, "scores")) or "float32"]
     name = np.asarray(x).dtype.name
-    return _SCORE_WIRE.get(name, tensor_pb2.DATA_TYPE_FLOAT32)
+    return wire.DTYPE_CODES[name] if name in _SCORE_NAMES else tensor_pb2.DATA_TYPE_FLOAT32
 
 
 def to_host_batch(
@@ -316,72 +298,38 @@ def rows_per_chunk(num_classes: int, score_itemsize: int, chunk_bytes: int, max_
     return max(1, min(chunk_bytes // row, limit // row, MAX_CHUNK_ROWS))
 
 
-def _tensor(dtype: Any, array: npt.NDArray[Any]) -> tensor_pb2.Tensor:
-    return tensor_pb2.Tensor(dtype=dtype, shape=list(array.shape), raw_contents=array.tobytes())
+def _wire_tensors(
+    batch: HostBatch, start: int, stop: int
+) -> tuple[wire.WireTensor, wire.WireTensor, wire.WireTensor | None]:
+    """Rows [start, stop) of a ready batch's scores, labels and sample ids, with their wire dtypes."""
+    labels = batch.labels[start:stop]
+    ids = batch.sample_ids
+    return (
+        wire.WireTensor(batch.score_dtype, batch.scores[start:stop]),
+        wire.WireTensor(wire.DTYPE_CODES[labels.dtype.name], labels),
+        None if ids is None else wire.WireTensor(tensor_pb2.DATA_TYPE_INT64, ids[start:stop]),
+    )
+
+
+def encode_chunk_bytes(batch: HostBatch, start: int, stop: int, sequence: int) -> bytes:
+    """The serialized request carrying rows [start, stop) of a ready batch, with one copy of the rows."""
+    return wire.encode_chunk_request(sequence, *_wire_tensors(batch, start, stop))
 
 
 def encode_chunk(
     batch: HostBatch, start: int, stop: int, sequence: int
 ) -> service_pb2.StreamEvaluationRequest:
-    """The request carrying rows [start, stop) of a ready batch as raw little-endian bytes."""
-    labels = batch.labels[start:stop]
-    chunk = service_pb2.Chunk(
-        sequence=sequence,
-        scores=_tensor(batch.score_dtype, batch.scores[start:stop]),
-        labels=_tensor(_INT_WIRE[labels.dtype.name], labels),
-    )
-    if batch.sample_ids is not None:
-        chunk.sample_ids.CopyFrom(_tensor(tensor_pb2.DATA_TYPE_INT64, batch.sample_ids[start:stop]))
+    """:func:`encode_chunk_bytes` built with protobuf instead (what the hand-written bytes must equal)."""
+
+    def tensor(t: wire.WireTensor) -> tensor_pb2.Tensor:
+        return tensor_pb2.Tensor(dtype=t.dtype, shape=list(t.array.shape), raw_contents=t.array.tobytes())  # type: ignore[arg-type]
+
+    scores, labels, ids = _wire_tensors(batch, start, stop)
+    chunk = service_pb2.Chunk(sequence=sequence, scores=tensor(scores), labels=tensor(labels))
+    if ids is not None:
+        chunk.sample_ids.CopyFrom(tensor(ids))
     return service_pb2.StreamEvaluationRequest(chunk=chunk)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload_len: int) -> bytes:
-    """Tag and length of a length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(payload_len)
-
-
-def _tensor_parts(dtype: int, array: npt.NDArray[Any]) -> tuple[int, list[Any]]:
-    """A Tensor message as (length, [header, payload buffer]) in protobuf wire format, without copying."""
-    head = bytearray(b"\x08" + _varint(dtype))
-    dims = b"".join(_varint(int(d)) for d in array.shape)
-    if dims:
-        head += _field(2, len(dims)) + dims
-    parts: list[Any] = [bytes(head)]
-    if array.nbytes:
-        parts += [_field(3, array.nbytes), np.ascontiguousarray(array).data.cast("B")]
-    return len(head) + (len(parts[1]) + array.nbytes if array.nbytes else 0), parts
-
-
-def encode_chunk_bytes(batch: HostBatch, start: int, stop: int, sequence: int) -> bytes:
-    """The serialized request of :func:`encode_chunk`, built with one copy of the rows.
-
-    Building the message with protobuf copies every payload several times (each
-    nested message and the final serialization copy it again: ~1.5 ms per 1 MiB
-    chunk, more than the rest of the client together), so the few tags and
-    lengths are written by hand and the arrays joined into the result directly.
-    """
-    labels = batch.labels[start:stop]
-    fields = [(2, batch.score_dtype, batch.scores[start:stop]), (3, _INT_WIRE[labels.dtype.name], labels)]
-    if batch.sample_ids is not None:
-        fields.append((4, tensor_pb2.DATA_TYPE_INT64, batch.sample_ids[start:stop]))
-    chunk: list[Any] = [b"\x08" + _varint(sequence)] if sequence else []
-    size = len(chunk[0]) if chunk else 0
-    for number, dtype, array in fields:
-        length, parts = _tensor_parts(dtype, array)
-        head = _field(number, length)
-        chunk += [head, *parts]
-        size += len(head) + length
-    return b"".join([_field(2, size), *chunk])
-
-
 def score_itemsize(score_dtype: int) -> int:
-    return 4 if score_dtype == tensor_pb2.DATA_TYPE_FLOAT32 else 2
+    return wire.ITEMSIZE[score_dtype]

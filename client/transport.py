@@ -1,5 +1,9 @@
 """Channel construction, credentials and the retry policy shared by all client calls.
 
+Credentials are the client's own: TLS or mutual TLS from PEM files (``TLSConfig``,
+``channel_credentials``) and the bearer token as metadata or call credentials, for ``EvalClient``
+and for callers of the raw gRPC stubs alike.
+
 Retries cover what a restart or a dropped connection looks like from the
 client (``UNAVAILABLE``) and a rank still leased to a stream the server has
 not yet noticed is dead (``ABORTED``); every other status is the caller's
@@ -8,6 +12,7 @@ problem and is raised at once.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -61,17 +66,45 @@ class TLSConfig:
     server_name: str | None = None
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        if bool(self.client_cert) != bool(self.client_key):
-            raise ValueError("client_cert and client_key must be given together")
+        return channel_credentials(self.root_cert or None, self.client_cert or None, self.client_key or None)
 
-        def read(p: str | None) -> bytes | None:
-            return Path(p).read_bytes() if p else None
 
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.root_cert),
-            private_key=read(self.client_key),
-            certificate_chain=read(self.client_cert),
-        )
+PathLike = str | os.PathLike[str]
+
+
+def channel_credentials(
+    root_cert_file: PathLike | None = None,
+    client_cert_file: PathLike | None = None,
+    client_key_file: PathLike | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``root_cert_file`` (system roots if None) and, for mutual TLS,
+    present ``client_cert_file`` / ``client_key_file`` (PEM files)."""
+    if (client_cert_file is None) != (client_key_file is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    def read(path: PathLike | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{what}: cannot read {path}: {e.strerror or e}") from e
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(root_cert_file, "root certificate"),
+        private_key=read(client_key_file, "client key"),
+        certificate_chain=read(client_cert_file, "client certificate"),
+    )
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Per-call metadata carrying ``token``; works on plaintext loopback channels too."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def token_call_credentials(token: str) -> grpc.CallCredentials:
+    """Call credentials carrying ``token``; gRPC only sends them over TLS (or local) channels."""
+    return grpc.access_token_call_credentials(token)
 
 
 def make_channel(

@@ -9,12 +9,6 @@ from evalstream.service.engine.report import MetricReport
 from evalstream.service.store.base import EvaluationKey, EvaluationRow
 from evalstream.v1 import evaluation_pb2 as ev_pb2
 
-SCORE_KINDS = {
-    ev_pb2.SCORE_KIND_UNSPECIFIED: "logits",
-    ev_pb2.SCORE_KIND_LOGITS: "logits",
-    ev_pb2.SCORE_KIND_LOG_PROBABILITIES: "log_probabilities",
-}
-
 
 def result_from_report(report: MetricReport) -> ev_pb2.EvaluationResult:
     """The full result, per-class counts included (the stored form; readers strip what they do not want)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
+from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
 from evalstream.service.finalizer import Finalizer
@@ -40,7 +41,6 @@ from evalstream.service.staging import MAX_BLOCKS, STAGING_BYTES, StagingBudget
 from evalstream.service.status import SeriesKey, ShardProgress
 from evalstream.service.store.base import EvaluationKey, EvaluationRow, ShardOpenRequest, ShardRow, Store
 from evalstream.service.telemetry import Telemetry
-from evalstream.service.wire import DecodedChunk
 
 __all__ = [
     "DEFAULT_SPLIT",

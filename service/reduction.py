@@ -16,13 +16,13 @@ from typing import TypeVar
 
 import torch
 
+from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import ChunkError, EngineConfig, Records
 from evalstream.service.engine.metrics import running_summary
 from evalstream.service.engine.records import FIELDS
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.staging import StagingBlock
 from evalstream.service.telemetry import Telemetry
-from evalstream.service.wire import DecodedChunk
 
 T = TypeVar("T")
 # Classes of the throwaway kernel compiled at start: any count works, the point is the compiler's

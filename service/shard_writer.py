@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalstream.service.commit import ChunkOutcome, Committer, Pending
+from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import ChunkError
 from evalstream.service.errors import FailedPrecondition
 from evalstream.service.leases import Lease
 from evalstream.service.reduction import Part, Reduction
 from evalstream.service.staging import StagingBlock, StagingBudget, StagingPool
 from evalstream.service.telemetry import Telemetry
-from evalstream.service.wire import DecodedChunk
 
 # A staged block is reduced after this long without a new chunk; a streaming client sends the
 # next chunk well within it.

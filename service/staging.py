@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from evalstream.service.wire import DecodedChunk
+from evalstream.service.decode import DecodedChunk
+from evalstream.wire import host_array
 
 # One block's scores buffer stays at or under this size (rows shrink for very large class counts).
 STAGING_BYTES = 16 << 20
@@ -38,11 +38,6 @@ STAGING_BYTES = 16 << 20
 MAX_SEGMENTS = 64
 # Blocks per stream: one filling while one is reduced.
 MAX_BLOCKS = 2
-
-
-def host_view(t: torch.Tensor) -> npt.NDArray[Any]:
-    """A numpy view of a CPU tensor; bfloat16 as its int16 bit patterns (numpy has no bfloat16)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def capacity_rows(block_rows: int, num_classes: int, itemsize: int, max_bytes: int = STAGING_BYTES) -> int:
@@ -161,7 +156,7 @@ class StagingBlock:
         # numpy views of the same buffers for the staging copy: numpy copies unaligned views (the
         # payloads sit at odd offsets of the received message) and costs ~0.4 µs a call against
         # torch's ~6 µs of dispatch.
-        self._host = (host_view(self.scores), host_view(self.labels), host_view(self.ids))
+        self._host = (host_array(self.scores), host_array(self.labels), host_array(self.ids))
         self.nbytes = block_bytes(capacity, num_classes, dtype)
         self.rows = 0
         self.has_ids = False

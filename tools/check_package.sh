@@ -26,8 +26,8 @@ names = [m.name for m in pkgutil.walk_packages(evalstream.__path__, "evalstream.
 for name in names:
     mod = importlib.import_module(name)
     assert "site-packages" in (mod.__file__ or ""), f"{name} imported from {mod.__file__}, not the wheel"
-need = {"evalstream.service", "evalstream.service.engine", "evalstream.service.compare",
-        "evalstream.service.store", "evalstream.client", "evalstream.v1"}
+need = {"evalstream.service", "evalstream.service.engine", "evalstream.service.compare", "evalstream.wire",
+        "evalstream.service.store", "evalstream.service.auth", "evalstream.client", "evalstream.v1"}
 missing = need - set(names)
 assert not missing, f"the wheel lacks {sorted(missing)}"
 print(f"wheel and sdist built; {len(names)} modules import from the installed wheel; evalstream --help runs")

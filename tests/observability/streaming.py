@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+from evalstream.wire import encode_tensor
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import service_pb2, tensor_pb2
+from evalstream.wire import encode_tensor
 from tests.robustness.conftest import MAX_CHUNK_ROWS, MAX_MESSAGE_BYTES, NUM_CLASSES
 from tests.support.lockstep import Request, chunk_request, close_request, open_request
 
@@ -311,6 +311,9 @@ OPEN_CASES = [
     OpenCase("negative step", lambda m: _open(m, step=-1), grpc.StatusCode.INVALID_ARGUMENT, "step"),
     OpenCase(
         "unknown score kind", lambda m: _open(m, score_kind=7), grpc.StatusCode.INVALID_ARGUMENT, "score_kind"
+    ),
+    OpenCase(
+        "unknown ack mode", lambda m: _open(m, ack_mode=7), grpc.StatusCode.INVALID_ARGUMENT, "ack_mode"
     ),
     OpenCase("non-UTF-8 run", _non_utf8, grpc.StatusCode.INVALID_ARGUMENT, "UTF-8"),
     OpenCase(

@@ -5,7 +5,7 @@ a plain chunk is read without protobuf (``wire.parse_chunk_request``), and then 
 exactly what protobuf reads from the same bytes (same fields, no unknown ones), or the input is a
 crash. Anything else is parsed by protobuf, checked for unknown fields as the servicer does, and
 then, by kind: an open's key goes through the name and step validation; a chunk (either way)
-through ``wire.decode_raw`` and the engine's ``ChunkReducer``.
+through ``decode.decode_raw`` and the engine's ``ChunkReducer``.
 The only acceptable failures are the refusals the service turns into statuses
 (``DecodeError``, ``ChunkError``, ``ServiceError``); anything else is a crash.
 
@@ -20,17 +20,20 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["evalstream.service.wire", "evalstream.service.engine.validate"]):
+with atheris.instrument_imports(
+    include=["evalstream.wire", "evalstream.service.decode", "evalstream.service.engine.validate"]
+):
     from google.protobuf.message import DecodeError
 
+    from evalstream.service.decode import decode_chunk, decode_raw
     from evalstream.service.engine import ChunkError
     from evalstream.service.engine.reducer import ChunkReducer
     from evalstream.service.errors import ServiceError
     from evalstream.service.ingest import evaluation_key
-    from evalstream.service.servicer import unknown_fields
     from evalstream.service.settings import Settings
-    from evalstream.service.wire import RawChunk, decode_chunk, decode_raw, parse_stream_request, raw_chunk
+    from evalstream.service.streaming import unknown_fields
     from evalstream.v1 import service_pb2
+    from evalstream.wire import RawChunk, parse_stream_request, raw_chunk
 
 NUM_CLASSES = 4
 MAX_ROWS = 64

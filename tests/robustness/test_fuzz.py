@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2
+from evalstream.wire import encode_tensor
 
 TARGET = Path(__file__).resolve().parent / "fuzz_decoder.py"
 SECONDS = int(os.environ.get("EVALSTREAM_FUZZ_SECONDS", "15"))

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evalstream.service.convert import result_from_report
+from evalstream.service.decode import decode_chunk
 from evalstream.service.engine import ChunkError, Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
@@ -29,8 +30,8 @@ from evalstream.service.errors import InvalidArgument
 from evalstream.service.ingest import validate_name
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
-from evalstream.service.wire import ITEMSIZE, decode_chunk
 from evalstream.v1 import service_pb2, tensor_pb2
+from evalstream.wire import ITEMSIZE
 from tests.robustness.conftest import MAX_CHUNK_ROWS, NUM_CLASSES
 from tests.robustness.rawstream import get_evaluation
 from tests.support.lockstep import LockStep, chunk_request, close_request, open_request

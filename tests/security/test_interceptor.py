@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from evalstream.client import transport
 from evalstream.service import auth
 from evalstream.service.settings import Settings
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
@@ -77,7 +78,7 @@ def test_every_method_needs_a_token(server: AioServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = service_pb2_grpc.EvalStreamServiceStub(channel)
         assert _calls(stub, ()) == dict.fromkeys(WRITES | READS, grpc.StatusCode.UNAUTHENTICATED)
-        unknown = auth.token_metadata("not-a-configured-token-0123456789")
+        unknown = transport.token_metadata("not-a-configured-token-0123456789")
         assert _calls(stub, unknown) == dict.fromkeys(WRITES | READS, grpc.StatusCode.UNAUTHENTICATED)
         basic = (("authorization", "Basic dXNlcjpwYXNz"),)
         assert set(_calls(stub, basic).values()) == {grpc.StatusCode.UNAUTHENTICATED}
@@ -96,12 +97,12 @@ def test_refusal_says_how_to_send_a_token(server: AioServer) -> None:
 def test_read_only_token_reads_but_cannot_write(server: AioServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = service_pb2_grpc.EvalStreamServiceStub(channel)
-        codes = _calls(stub, auth.token_metadata(READ_ONLY_TOKEN))
+        codes = _calls(stub, transport.token_metadata(READ_ONLY_TOKEN))
         with pytest.raises(grpc.RpcError) as info:
             list(
                 stub.StreamEvaluation(
                     iter([service_pb2.StreamEvaluationRequest()]),
-                    metadata=auth.token_metadata(READ_ONLY_TOKEN),
+                    metadata=transport.token_metadata(READ_ONLY_TOKEN),
                     timeout=TIMEOUT_S,
                 )
             )
@@ -117,7 +118,7 @@ def test_read_only_token_reads_but_cannot_write(server: AioServer) -> None:
 def test_full_token_may_call_everything(server: AioServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = service_pb2_grpc.EvalStreamServiceStub(channel)
-        assert _calls(stub, auth.token_metadata(FULL_TOKEN)) == dict.fromkeys(WRITES | READS, PASSED)
+        assert _calls(stub, transport.token_metadata(FULL_TOKEN)) == dict.fromkeys(WRITES | READS, PASSED)
         lowercase_scheme = (("authorization", f"bearer {FULL_TOKEN}"),)
         assert set(_calls(stub, lowercase_scheme).values()) == {PASSED}
 
@@ -146,9 +147,9 @@ def test_token_call_credentials_over_mutual_tls(pki: Pki, token_files: tuple[Pat
         auth_read_only_tokens_file=str(read_only),
     )
     with AioServer(auth.server_credentials(settings), auth.interceptors(settings, environ={})) as server:
-        tls = auth.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
+        tls = transport.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
         for token, expected in ((FULL_TOKEN, PASSED), (READ_ONLY_TOKEN, grpc.StatusCode.PERMISSION_DENIED)):
-            creds = grpc.composite_channel_credentials(tls, auth.token_call_credentials(token))
+            creds = grpc.composite_channel_credentials(tls, transport.token_call_credentials(token))
             with grpc.secure_channel(server.target, creds) as channel:
                 stub = service_pb2_grpc.EvalStreamServiceStub(channel)
                 assert _calls(stub, ())["FinalizeEvaluation"] == expected

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from evalstream.service import auth
+from evalstream.service.auth import tokens as auth_tokens
 from evalstream.service.settings import Settings
 from tests.security.conftest import FULL_TOKEN, READ_ONLY_TOKEN
 
@@ -76,7 +77,7 @@ def test_missing_token_file_is_an_error(tmp_path: Path) -> None:
 def test_token_file_is_reloaded_when_it_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(auth, "_RELOAD_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth_tokens, "_RELOAD_INTERVAL_S", 0.0)
     path = tmp_path / "tokens"
     path.write_text(FULL_TOKEN + "\n")
     store = auth.TokenStore.from_settings(Settings(auth_tokens_file=str(path)), environ={})

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from evalstream.client import transport
 from evalstream.service import auth
 from evalstream.service.settings import Settings
 from tests.security.conftest import AioServer, Pki
@@ -37,7 +38,7 @@ def test_tls_works_and_plaintext_client_fails(pki: Pki) -> None:
     creds = auth.server_credentials(_tls_settings(pki, mutual=False))
     assert creds is not None
     with AioServer(creds) as server:
-        secure = grpc.secure_channel(server.target, auth.channel_credentials(pki.ca_cert))
+        secure = grpc.secure_channel(server.target, transport.channel_credentials(pki.ca_cert))
         assert _check(secure) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as info:
             _check(grpc.insecure_channel(server.target))
@@ -48,7 +49,7 @@ def test_tls_client_refuses_server_from_unknown_ca(pki: Pki) -> None:
     creds = auth.server_credentials(_tls_settings(pki, mutual=False))
     assert creds is not None
     with AioServer(creds) as server, pytest.raises(grpc.RpcError) as info:
-        _check(grpc.secure_channel(server.target, auth.channel_credentials(pki.rogue_ca_cert)))
+        _check(grpc.secure_channel(server.target, transport.channel_credentials(pki.rogue_ca_cert)))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -56,12 +57,12 @@ def test_mutual_tls_accepts_only_certificates_from_its_ca(pki: Pki) -> None:
     creds = auth.server_credentials(_tls_settings(pki, mutual=True))
     assert creds is not None
     with AioServer(creds) as server:
-        good = auth.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
+        good = transport.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
         assert _check(grpc.secure_channel(server.target, good)) == health_pb2.HealthCheckResponse.SERVING
 
         refused = {
-            "no client certificate": auth.channel_credentials(pki.ca_cert),
-            "certificate from another CA": auth.channel_credentials(
+            "no client certificate": transport.channel_credentials(pki.ca_cert),
+            "certificate from another CA": transport.channel_credentials(
                 pki.ca_cert, pki.rogue_client_cert, pki.rogue_client_key
             ),
         }
@@ -80,9 +81,9 @@ def test_server_probing_itself_under_mutual_tls_needs_client_auth_usage(pki: Pki
         tls_cert_file=str(pki.dual_cert), tls_key_file=str(pki.dual_key), tls_client_ca_file=str(pki.ca_cert)
     )
     with AioServer(auth.server_credentials(settings)) as server:
-        itself = auth.channel_credentials(pki.ca_cert, pki.dual_cert, pki.dual_key)
+        itself = transport.channel_credentials(pki.ca_cert, pki.dual_cert, pki.dual_key)
         assert _check(grpc.secure_channel(server.target, itself)) == health_pb2.HealthCheckResponse.SERVING
-        server_only = auth.channel_credentials(pki.ca_cert, pki.server_cert, pki.server_key)
+        server_only = transport.channel_credentials(pki.ca_cert, pki.server_cert, pki.server_key)
         with pytest.raises(grpc.RpcError) as info:
             _check(grpc.secure_channel(server.target, server_only))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -105,8 +106,8 @@ def test_incomplete_tls_settings_are_errors(pki: Pki, tmp_path: Path) -> None:
         auth.server_credentials(
             auth.SecurityConfig(tls_cert_file=pki.server_key, tls_key_file=pki.server_key)
         )
-    with pytest.raises(auth.SecurityConfigError, match="needs its key"):
-        auth.channel_credentials(pki.ca_cert, client_cert_file=pki.client_cert)
+    with pytest.raises(ValueError, match="needs its key"):
+        transport.channel_credentials(pki.ca_cert, client_cert_file=pki.client_cert)
 
 
 def test_metrics_tls_options(pki: Pki) -> None:

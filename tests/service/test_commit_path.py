@@ -7,7 +7,8 @@ import asyncio
 import functools
 from pathlib import Path
 
-from evalstream.service import wire
+from evalstream import wire
+from evalstream.service.decode import decode_raw
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.ingest import ChunkOutcome, Coordinator
 from evalstream.service.store import ChunkCommit, EvaluationKey, ShardOpenRequest, SqliteStore
@@ -44,7 +45,7 @@ def test_a_batch_behind_the_store_answers_duplicates_and_commits_the_rest_at_onc
         futures = []
         for seq, part in enumerate(parts):
             raw = wire.raw_chunk(chunk_request(seq, part).chunk)
-            decode = functools.partial(wire.decode_raw, raw, NUM_CLASSES, settings.max_chunk_rows)
+            decode = functools.partial(decode_raw, raw, NUM_CLASSES, settings.max_chunk_rows)
             futures.append(await coordinator.submit_chunk(lease, seq, decode))
         coordinator.flush(lease)
         outcomes = list(await asyncio.gather(*futures))

@@ -13,8 +13,8 @@ import pytest
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from evalstream.wire import encode_tensor
 from tests.service.conftest import NUM_CLASSES, small_settings
 from tests.service.helpers import (
     Data,

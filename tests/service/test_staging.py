@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from evalstream.service.decode import decode_chunk
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
 from evalstream.service.staging import (
@@ -21,7 +22,6 @@ from evalstream.service.staging import (
     block_bytes,
     capacity_rows,
 )
-from evalstream.service.wire import decode_chunk
 from evalstream.v1 import service_pb2, service_pb2_grpc
 from tests.service.conftest import NUM_CLASSES, small_settings
 from tests.service.helpers import (

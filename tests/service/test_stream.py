@@ -129,7 +129,7 @@ def test_explicit_finalize_stops_accepting_chunks_from_open_ranks(channel: grpc.
 def test_half_precision_scores_and_duplicate_sample_ids(channel: grpc.Channel, settings: Settings) -> None:
     import torch
 
-    from evalstream.service.wire import encode_tensor
+    from evalstream.wire import encode_tensor
 
     data = make_data(80, NUM_CLASSES, seed=9)
     s = LockStep(channel)

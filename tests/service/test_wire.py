@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from evalstream.service.decode import decode_chunk
 from evalstream.service.engine import ChunkError
-from evalstream.service.wire import decode_chunk, encode_tensor
 from evalstream.v1 import service_pb2, tensor_pb2
+from evalstream.wire import encode_tensor
 
 
 def _chunk(scores: object, labels: np.ndarray, ids: np.ndarray | None = None) -> service_pb2.Chunk:

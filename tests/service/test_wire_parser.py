@@ -15,9 +15,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evalstream.service import wire
+from evalstream import wire
+from evalstream.service.decode import decode_chunk, decode_raw
 from evalstream.service.engine import ChunkError
-from evalstream.service.servicer import unknown_fields
+from evalstream.service.streaming import unknown_fields
 from evalstream.v1 import service_pb2, tensor_pb2
 
 R = service_pb2.StreamEvaluationRequest
@@ -149,7 +150,7 @@ def test_decoding_a_parsed_chunk_equals_decoding_protobufs() -> None:
     data = R(chunk=chunk).SerializeToString()
     parsed = wire.parse_chunk_request(data)
     assert parsed is not None
-    ours, theirs = wire.decode_raw(parsed, 3, 100), wire.decode_chunk(chunk, 3, 100)
+    ours, theirs = decode_raw(parsed, 3, 100), decode_chunk(chunk, 3, 100)
     np.testing.assert_array_equal(ours.scores, theirs.scores)  # type: ignore[arg-type]
     np.testing.assert_array_equal(ours.labels, theirs.labels)
     assert ours.sample_ids is not None and ours.sample_ids.dtype == np.int64
@@ -158,7 +159,7 @@ def test_decoding_a_parsed_chunk_equals_decoding_protobufs() -> None:
     # The scores view the received bytes: no copy before the staging block.
     start = np.frombuffer(data, np.uint8).ctypes.data
     assert start < ours.host.ctypes.data < start + len(data) and not ours.host.flags.writeable
-    for bad in (wire.decode_raw, lambda c, n, m: wire.decode_chunk(R.FromString(data).chunk, n, m)):
+    for bad in (decode_raw, lambda c, n, m: decode_chunk(R.FromString(data).chunk, n, m)):
         with pytest.raises(ChunkError) as info:
             bad(parsed, 4, 100)
         assert info.value.reason == "shape_mismatch"

@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from evalstream.service.wire import encode_tensor
 from evalstream.v1 import evaluation_pb2, service_pb2
+from evalstream.wire import encode_tensor
 
 RUN = "lockstep"
 METHOD = "/evalstream.v1.EvalStreamService/StreamEvaluation"
