@@ -259,7 +259,7 @@ class EvaluationStream:
         if not done:
             raise EvaluationTimeout(f"shard of rank {self._open.rank} did not close within {timeout} s")
         self._thread.join()
-        self._raise_if_failed(include_rejections=False)
+        self._raise_close_failure()
         assert self._summary is not None
         pending = self._take_unreported()
         if pending and self._opt.on_rejection == "raise":
@@ -308,6 +308,25 @@ class EvaluationStream:
         with self._cv:
             pending, self._unreported = self._unreported, []
         return pending
+
+    def _raise_close_failure(self) -> None:
+        """The stream's failure; led by this stream's first rejection when the server refused the close.
+
+        A close fails with FAILED_PRECONDITION when nothing of the evaluation committed, which is
+        what rejecting every chunk leads to; the server's "nothing to finalize" alone would hide
+        the reason (a label out of range, a NaN score) the caller has to fix. In either
+        ``on_rejection`` mode the rejections come first, the server's answer after them.
+        """
+        error = self._error
+        if error is None:
+            return
+        with self._cv:
+            rejections = list(self.rejections)
+            self._unreported = []
+            sent = self._next_seq
+        if rejections and error.code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise ChunkRejectedError(rejections, chunks_sent=sent, failure=error) from error
+        raise error
 
     def _raise_if_failed(self, include_rejections: bool) -> None:
         if self._error is not None:
