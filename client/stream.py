@@ -203,15 +203,19 @@ class EvaluationStream:
             raise EvalStreamError("add() after close() or abort()")
         # Host data is encoded right here (no separate host copy; see EncodedBatch); device data gets
         # its asynchronous copy and is encoded by the sender once the copy is done.
-        host = to_host_batch(
-            scores,
-            labels,
-            sample_ids,
-            num_classes=self._open.num_classes,
-            copy=False,
-            pool=self._pool,
-            host_pool=self._host_pool,
-        )
+        try:
+            host = to_host_batch(
+                scores,
+                labels,
+                sample_ids,
+                num_classes=self._open.num_classes,
+                copy=False,
+                pool=self._pool,
+                host_pool=self._host_pool,
+            )
+        except (TypeError, ValueError) as exc:
+            # Which rank and evaluation refused it: a job streams several at once from many ranks.
+            raise type(exc)(f"add() to {self._where()}: {exc}") from None
         if host.rows == 0:
             host.release()
             return
@@ -383,9 +387,13 @@ class EvaluationStream:
                 if self._cv.wait_for(lambda: self._aborted, self._opt.retry.backoff(attempt)):
                     return
 
-    def _describe(self, err: BaseException | None) -> EvalStreamError:
+    def _where(self) -> str:
         o = self._open
-        where = f"rank {o.rank} of {o.key.run}/{o.key.model} step {o.key.step}"
+        split = f" split {o.key.split}" if o.key.split else ""
+        return f"rank {o.rank} of {o.key.run}/{o.key.model} step {o.key.step}{split}"
+
+    def _describe(self, err: BaseException | None) -> EvalStreamError:
+        where = self._where()
         if isinstance(err, grpc.Call):
             return EvalStreamError(f"{where}: {err.code().name}: {err.details()}", err.code())
         return EvalStreamError(f"{where}: {err}")

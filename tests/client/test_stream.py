@@ -333,12 +333,15 @@ def test_exception_in_the_block_aborts_without_closing_the_shard(client: EvalCli
 
 def test_bad_shapes_and_dtypes_fail_in_add_before_anything_is_sent(client: EvalClient) -> None:
     scores, labels, _ = make_batches(1, 10)[0]
-    with client.evaluation(run="r", model="shapes", num_classes=NUM_CLASSES, on_rejection="collect") as ev:
-        with pytest.raises(ValueError, match="scores must have shape"):
+    where = r"^add\(\) to rank 1 of r/shapes step 3: argument "
+    with client.evaluation(
+        run="r", model="shapes", step=3, rank=1, world_size=2, num_classes=NUM_CLASSES, on_rejection="collect"
+    ) as ev:
+        with pytest.raises(ValueError, match=where + rf"scores must have shape \[n, {NUM_CLASSES}\]"):
             ev.add(scores[:, :-1], labels)
-        with pytest.raises(ValueError, match="labels must have shape"):
+        with pytest.raises(ValueError, match=where + r"labels must have shape \[10\]"):
             ev.add(scores, labels[:-1])
-        with pytest.raises(TypeError, match="labels must be an integer"):
+        with pytest.raises(TypeError, match=where + "labels must be an integer array, got float32"):
             ev.add(scores, labels.astype(np.float32))
         ev.add(scores, labels)
     assert ev.summary is not None and ev.summary.chunks == 1 and not ev.rejections
