@@ -19,8 +19,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, published on PyPI as tomli (a dependency there)
+    import tomli as tomllib
 
 from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
 from evalstream.service.engine.registry import direction
