@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -225,25 +225,30 @@ class Coordinator:
         """The backend the engine runs: "compiled" or "eager" ("auto" resolved for this machine)."""
         return resolve_backend(self.engine_config.backend, resolve_device(self.engine_config.device))
 
-    def warm_up(self) -> asyncio.Future[float] | None:
+    def warm_up(self, kernels: Sequence[tuple[int, torch.dtype]] = ()) -> asyncio.Future[float] | None:
         """With the compiled backend, compile a throwaway kernel on a worker thread now.
 
         The kernel of a real evaluation depends on its class count and score dtype, known only at
         its first chunk, so it cannot be compiled ahead. But most of a first compile is the
         compiler's own process-wide start-up; paying that here, while no stream waits, leaves the
         first chunk of each (class count, dtype) only its kernel's compile (measured in
-        docs/performance.md). Returns the future of the seconds it took; None with eager.
+        docs/performance.md). ``kernels`` (class count, score dtype) known ahead (``warm_kernels``)
+        are compiled instead, through the path a real chunk takes. Returns the future of the
+        seconds it took; None with eager.
         """
         if self.engine_backend != "compiled":
             return None
         loop = asyncio.get_running_loop()
-        return self._track(loop.run_in_executor(self._workers, self._warm_up))
+        return self._track(loop.run_in_executor(self._workers, self._warm_up, tuple(kernels)))
 
-    def _warm_up(self) -> float:
+    def _warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> float:
         started = time.perf_counter()
-        scores = torch.zeros((2, WARM_UP_CLASSES))
-        labels = torch.zeros(2, dtype=torch.int64)
-        self._reducers.run(WARM_UP_CLASSES, "logits", lambda r: r.reduce(scores, labels, None))
+        for classes, dtype in kernels or ((WARM_UP_CLASSES, torch.float32),):
+            scores = torch.zeros((16, classes), dtype=dtype)
+            labels = torch.zeros(16, dtype=torch.int64)
+            self._reducers.run(classes, "logits", lambda r: r.reduce(scores, labels, None))  # noqa: B023
+            if kernels:
+                log.info("engine warm-up: kernel for %d classes, %s ready", classes, str(dtype)[6:])
         seconds = time.perf_counter() - started
         log.info("engine warm-up: the compiler is ready after %.1f s", seconds)
         return seconds
