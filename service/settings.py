@@ -24,7 +24,7 @@ import yaml
 try:
     import tomllib
 except ImportError:  # Python 3.10: the same parser, published on PyPI as tomli (a dependency there)
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
 from evalstream.service.engine.registry import direction
