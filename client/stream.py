@@ -215,7 +215,8 @@ class EvaluationStream:
             )
         except (TypeError, ValueError) as exc:
             # Which rank and evaluation refused it: a job streams several at once from many ranks.
-            raise type(exc)(f"add() to {self._where()}: {exc}") from None
+            cls = TypeError if isinstance(exc, TypeError) else ValueError
+            raise cls(f"add() to {self._where()}: {exc}") from (None if type(exc) is cls else exc)
         if host.rows == 0:
             host.release()
             return
