@@ -14,8 +14,9 @@ rounds so machine load falls on all alike:
 Each server first compiles the 3,000-class kernel (``warm_kernels``) and takes a small warm-up
 load, so its peak RSS before the measured load already holds the compiler and the reducers.
 Reported per configuration (medians over the rounds): aggregate samples/s and its ratio to
-``today``, peak RSS growth during the load, and that growth beyond ``max_staging_bytes`` (the
-most the staging blocks may hold) per client connection: what the per-connection allowance in
+``today``, the server's CPU per sample (which machine load inflates far less than rates), peak
+RSS growth during the load, and that growth beyond ``max_staging_bytes`` (the most the staging
+blocks may hold) per client connection: what the per-connection allowance in
 docs/performance.md has to cover.
 
 Run: ``python -m bench.windows [--repeats 2] [--windows 262144,1048576]``; writes
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from pathlib import Path
 from typing import Any
 
 from bench.common import ServerProcess, peak_rss_bytes, table, write_json
@@ -45,6 +47,12 @@ def configurations(windows: list[int]) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process and its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(overrides: dict[str, Any], chunks: int, rows: int) -> dict[str, float]:
     """One fresh server: warm it, then the measured 64-stream load."""
     server = ServerProcess(
@@ -55,15 +63,19 @@ def measure(overrides: dict[str, Any], chunks: int, rows: int) -> dict[str, floa
         if warm.errors:
             raise RuntimeError(f"warm-up load failed: {warm.errors[:3]}")
         before = peak_rss_bytes(server.pid)
+        cpu = cpu_seconds(server.pid)
         report = run_load(streams=STREAMS, chunks=chunks, rows=rows, procs=PROCS, server=server)
         if report.errors or not report.ok:
             raise RuntimeError(f"load failed: {report.errors[:3]}")
+        cpu = cpu_seconds(server.pid) - cpu
         peak = peak_rss_bytes(server.pid)
     finally:
         server.close()
     growth = peak - before
     return {
         "samples/s": report.samples_per_s,
+        # Load on a shared machine inflates rates far more than CPU per sample (bench/RESULTS.md).
+        "server us/sample": 1e6 * cpu / report.samples_sent,
         "before MiB": before / MIB,
         "peak MiB": peak / MIB,
         "growth MiB": growth / MIB,
@@ -99,6 +111,7 @@ COLUMNS = [
     "config",
     "samples/s",
     "x today",
+    "server us/sample",
     "before MiB",
     "peak MiB",
     "growth MiB",
