@@ -7,9 +7,10 @@ resident set went well past the staging budget. This runs the 64-stream load (``
 against one fresh server per configuration, the configurations interleaved over ``--repeats``
 rounds so machine load falls on all alike:
 
-- ``today``: gRPC's defaults (64 KiB initial window, BDP probing on);
-- ``bdp off``: ``grpc_bdp_probe = false`` (the window stays at gRPC's initial 64 KiB);
-- ``window N``: ``grpc_stream_window_bytes = N`` (fixed window, probing off).
+- ``today``: gRPC's own windows (``grpc_stream_window_bytes = 0``: 64 KiB initial window, BDP
+  probing on), the server's settings before the fixed 1 MiB window became the default;
+- ``bdp off``: that with ``grpc_bdp_probe = false`` (the window stays at gRPC's initial 64 KiB);
+- ``window N``: ``grpc_stream_window_bytes = N`` (fixed window, probing off; 1 MiB is the default).
 
 Each server first compiles the 3,000-class kernel (``warm_kernels``) and takes a small warm-up
 load, so its peak RSS before the measured load already holds the compiler and the reducers.
@@ -41,7 +42,11 @@ STAGING_BYTES = 512 * MIB  # the default max_staging_bytes, which every configur
 
 
 def configurations(windows: list[int]) -> dict[str, dict[str, Any]]:
-    configs: dict[str, dict[str, Any]] = {"today": {}, "bdp off": {"grpc_bdp_probe": False}}
+    # "today": the settings before the fixed window became the default, i.e. gRPC's own windows.
+    configs: dict[str, dict[str, Any]] = {
+        "today": {"grpc_stream_window_bytes": 0},
+        "bdp off": {"grpc_stream_window_bytes": 0, "grpc_bdp_probe": False},
+    }
     for w in windows:
         configs[f"window {w // 1024} KiB"] = {"grpc_stream_window_bytes": w}
     return configs
