@@ -13,4 +13,5 @@ BENCHMARKS: dict[str, str] = {
     "client_cost": "bench.client_cost",
     "memory": "bench.memory",
     "load": "bench.load",
+    "windows": "bench.windows",
 }

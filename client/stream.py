@@ -209,15 +209,20 @@ class EvaluationStream:
             raise EvalStreamError("add() after close() or abort()")
         # Host data is encoded right here (no separate host copy; see EncodedBatch); device data gets
         # its asynchronous copy and is encoded by the sender once the copy is done.
-        host = to_host_batch(
-            scores,
-            labels,
-            sample_ids,
-            num_classes=self._open.num_classes,
-            copy=False,
-            pool=self._pool,
-            host_pool=self._host_pool,
-        )
+        try:
+            host = to_host_batch(
+                scores,
+                labels,
+                sample_ids,
+                num_classes=self._open.num_classes,
+                copy=False,
+                pool=self._pool,
+                host_pool=self._host_pool,
+            )
+        except (TypeError, ValueError) as exc:
+            # Which rank and evaluation refused it: a job streams several at once from many ranks.
+            cls = TypeError if isinstance(exc, TypeError) else ValueError
+            raise cls(f"add() to {self._where()}: {exc}") from (None if type(exc) is cls else exc)
         if host.rows == 0:
             host.release()
             return
@@ -265,7 +270,7 @@ class EvaluationStream:
         if not done:
             raise EvaluationTimeout(f"shard of rank {self._open.rank} did not close within {timeout} s")
         self._thread.join()
-        self._raise_if_failed(include_rejections=False)
+        self._raise_close_failure()
         assert self._summary is not None
         pending = self._take_unreported()
         if pending and self._opt.on_rejection == "raise":
@@ -314,6 +319,25 @@ class EvaluationStream:
         with self._cv:
             pending, self._unreported = self._unreported, []
         return pending
+
+    def _raise_close_failure(self) -> None:
+        """The stream's failure; led by this stream's first rejection when the server refused the close.
+
+        A close fails with FAILED_PRECONDITION when nothing of the evaluation committed, which is
+        what rejecting every chunk leads to; the server's "nothing to finalize" alone would hide
+        the reason (a label out of range, a NaN score) the caller has to fix. In either
+        ``on_rejection`` mode the rejections come first, the server's answer after them.
+        """
+        error = self._error
+        if error is None:
+            return
+        with self._cv:
+            rejections = list(self.rejections)
+            self._unreported = []
+            sent = self._next_seq
+        if rejections and error.code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise ChunkRejectedError(rejections, chunks_sent=sent, failure=error) from error
+        raise error
 
     def _raise_if_failed(self, include_rejections: bool) -> None:
         if self._error is not None:
@@ -386,9 +410,13 @@ class EvaluationStream:
         self._metadata = (*self._metadata, wire.ACKS_METADATA)
         return True
 
-    def _describe(self, err: BaseException | None) -> EvalStreamError:
+    def _where(self) -> str:
         o = self._open
-        where = f"rank {o.rank} of {o.key.run}/{o.key.model} step {o.key.step}"
+        split = f" split {o.key.split}" if o.key.split else ""
+        return f"rank {o.rank} of {o.key.run}/{o.key.model} step {o.key.step}{split}"
+
+    def _describe(self, err: BaseException | None) -> EvalStreamError:
+        where = self._where()
         if isinstance(err, grpc.Call):
             return EvalStreamError(f"{where}: {err.code().name}: {err.details()}", err.code())
         return EvalStreamError(f"{where}: {err}")

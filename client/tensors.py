@@ -160,9 +160,9 @@ def _torch_wire_dtype(x: torch.Tensor, role: str) -> torch.dtype:
             return x.dtype
         if x.is_floating_point():
             return torch.float32
-        raise TypeError(f"scores must be a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"argument scores must be a floating-point tensor, got {x.dtype}")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{role} must be an integer tensor, got {x.dtype}")
+        raise TypeError(f"argument {role} must be an integer tensor, got {x.dtype}")
     return torch.int32 if role == "labels" and x.dtype == torch.int32 else torch.int64
 
 
@@ -209,11 +209,11 @@ def _numpy_host(
             a = wire.host_array(a)
         elif a.dtype.name not in _SCORE_NAMES:
             if a.dtype.kind != "f":
-                raise TypeError(f"scores must be floating point, got {a.dtype}")
+                raise TypeError(f"argument scores must be floating point, got {a.dtype}")
             return np.ascontiguousarray(a, dtype="<f4")
     else:
         if a.dtype.kind not in "iu":
-            raise TypeError(f"{role} must be an integer array, got {a.dtype}")
+            raise TypeError(f"argument {role} must be an integer array, got {a.dtype}")
         want = "<i4" if role == "labels" and a.dtype.name == "int32" else "<i8"
         if a.dtype != np.dtype(want):
             return np.ascontiguousarray(a, dtype=want)
@@ -275,14 +275,16 @@ def _check_shapes(scores: Any, labels: Any, sample_ids: Any, num_classes: int) -
     """Number of rows; ValueError naming the argument whose shape is wrong."""
     s = tuple(scores.shape) if hasattr(scores, "shape") else np.shape(scores)
     if len(s) != 2 or s[1] != num_classes:
-        raise ValueError(f"scores must have shape [n, {num_classes}], got {list(s)}")
+        raise ValueError(
+            f"argument scores must have shape [n, {num_classes}] (num_classes={num_classes}), got {list(s)}"
+        )
     n = int(s[0])
     for role, x in (("labels", labels), ("sample_ids", sample_ids)):
         if x is None:
             continue
         shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
         if shape != (n,):
-            raise ValueError(f"{role} must have shape [{n}] to match scores, got {list(shape)}")
+            raise ValueError(f"argument {role} must have shape [{n}] to match scores, got {list(shape)}")
     return n
 
 

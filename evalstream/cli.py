@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port, keeping the configured host")
     serve.add_argument("--data-dir", help="database and records directory (overrides data_dir)")
     serve.add_argument("--metrics-address", help="Prometheus host:port; empty disables it")
+    serve.add_argument(
+        "--warm",
+        metavar="C:DTYPE[,C:DTYPE...]",
+        help="compile the engine's kernels for these class counts and score dtypes at start, "
+        "e.g. 3000:float32,3000:bfloat16 (overrides warm_kernels)",
+    )
 
     ls = sub.add_parser("list", parents=[common], help="list evaluations, newest first")
     ls.add_argument("--run", default="")
@@ -120,21 +126,27 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from evalstream.service.server import run
+    from evalstream.service.server import serve_checked
     from evalstream.service.settings import Settings, replace
 
-    settings = Settings.load(args.config)
-    changes: dict[str, Any] = {}
-    if args.address:
-        changes["grpc_address"] = args.address
-    elif args.port is not None:
-        host = settings.grpc_address.rsplit(":", 1)[0]
-        changes["grpc_address"] = f"{host}:{args.port}"
-    if args.data_dir:
-        changes["data_dir"] = args.data_dir
-    if args.metrics_address is not None:
-        changes["metrics_address"] = args.metrics_address
-    return run(replace(settings, **changes) if changes else settings)
+    def load() -> Settings:
+        settings = Settings.load(args.config)
+        changes: dict[str, Any] = {}
+        if args.address:
+            changes["grpc_address"] = args.address
+        elif args.port is not None:
+            host = settings.grpc_address.rsplit(":", 1)[0]
+            changes["grpc_address"] = f"{host}:{args.port}"
+        if args.data_dir:
+            changes["data_dir"] = args.data_dir
+        if args.metrics_address is not None:
+            changes["metrics_address"] = args.metrics_address
+        if args.warm is not None:
+            changes["warm_kernels"] = tuple(w for w in args.warm.split(",") if w.strip())
+        return replace(settings, **changes) if changes else settings
+
+    # A configuration mistake ends here with one line on stderr and status 2, before anything starts.
+    return serve_checked(load, "evalstream serve")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

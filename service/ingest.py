@@ -22,10 +22,12 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import torch
 
 from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
 from evalstream.service.decode import DecodedChunk
@@ -141,23 +143,25 @@ class Coordinator:
         """The backend the engine runs: "compiled" or "eager" ("auto" resolved for this machine)."""
         return resolve_backend(self.engine_config.backend, resolve_device(self.engine_config.device))
 
-    def warm_up(self) -> asyncio.Future[float] | None:
+    def warm_up(self, kernels: Sequence[tuple[int, torch.dtype]] = ()) -> asyncio.Future[float] | None:
         """With the compiled backend, compile a throwaway kernel on a worker thread now.
 
         The kernel of a real evaluation depends on its class count and score dtype, known only at
         its first chunk, so it cannot be compiled ahead. But most of a first compile is the
         compiler's own process-wide start-up; paying that here, while no stream waits, leaves the
         first chunk of each (class count, dtype) only its kernel's compile (measured in
-        docs/performance.md). Returns the future of the seconds it took; None with eager.
+        docs/performance.md). ``kernels`` (class count, score dtype) known ahead (``warm_kernels``)
+        are compiled instead, through the path a real chunk takes. Returns the future of the
+        seconds it took; None with eager.
         """
         if self.engine_backend != "compiled":
             return None
         loop = asyncio.get_running_loop()
-        return self._track(loop.run_in_executor(self._workers, self._warm_up))
+        return self._track(loop.run_in_executor(self._workers, self._warm_up, tuple(kernels)))
 
-    def _warm_up(self) -> float:
+    def _warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> float:
         started = time.perf_counter()
-        self._reduction.warm_up()
+        self._reduction.warm_up(kernels)
         seconds = time.perf_counter() - started
         log.info("engine warm-up: the compiler is ready after %.1f s", seconds)
         return seconds

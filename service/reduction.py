@@ -8,6 +8,7 @@ worker pool and hands the parts to the commit path in sequence order.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.staging import StagingBlock
 from evalstream.service.telemetry import Telemetry
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Classes of the throwaway kernel compiled at start: any count works, the point is the compiler's
 # process-wide start-up (dynamo, inductor, the C++ toolchain), ~4-6 s of the first compile.
@@ -79,11 +81,15 @@ class Reduction:
         self._reducers = ReducerPool(config)
         self._telemetry = telemetry
 
-    def warm_up(self) -> None:
-        """Reduce a throwaway chunk, so the compiler's start-up is paid before any stream waits."""
-        scores = torch.zeros((2, WARM_UP_CLASSES))
-        labels = torch.zeros(2, dtype=torch.int64)
-        self._reducers.run(WARM_UP_CLASSES, "logits", lambda r: r.reduce(scores, labels, None))
+    def warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> None:
+        """Reduce a throwaway chunk of each (class count, dtype) in ``kernels`` (or one tiny one), so
+        the compiler's start-up and those kernels are paid before any stream waits."""
+        for classes, dtype in kernels or ((WARM_UP_CLASSES, torch.float32),):
+            scores = torch.zeros((16, classes), dtype=dtype)
+            labels = torch.zeros(16, dtype=torch.int64)
+            self._reducers.run(classes, "logits", lambda r: r.reduce(scores, labels, None))  # noqa: B023
+            if kernels:
+                log.info("engine warm-up: kernel for %d classes, %s ready", classes, str(dtype)[6:])
 
     def chunk(self, num_classes: int, score_kind: str, chunk: DecodedChunk) -> Part:
         """One chunk on its own (empty, or larger than a block), from zero-copy views of the message."""

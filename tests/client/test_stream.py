@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -256,6 +257,32 @@ def test_rejection_arriving_before_close_is_raised_by_close_with_the_summary(cli
     )
 
 
+@pytest.mark.parametrize("on_rejection", ["raise", "collect"])
+def test_close_after_every_chunk_was_rejected_leads_with_the_first_rejection(
+    client: EvalClient, on_rejection: str
+) -> None:
+    """Nothing committed, so the server refuses to finalize; the error still names the bad label."""
+    scores, labels, _ = make_batches(1, 8)[0]
+    labels[4] = 99
+    model = f"all-rejected-{on_rejection}"
+    ev = client.evaluation(run="r", model=model, num_classes=NUM_CLASSES, on_rejection=on_rejection)  # type: ignore[arg-type]
+    ev.add(scores, labels)
+    ev.add(scores[:2], np.array([0, -3]))
+    with pytest.raises(ChunkRejectedError) as raised:
+        ev.close(timeout=30)
+    message = str(raised.value)
+    assert message.startswith(
+        f"chunk 0 rejected: INVALID_ARGUMENT label_out_of_range: labels[4] = 99 is outside [0, {NUM_CLASSES})"
+    ), message
+    assert "(2 of 2 chunks rejected)" in message and "nothing to finalize" in message, message
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert [r.reason for r in raised.value.rejections] == ["label_out_of_range", "label_out_of_range"]
+    # The server's side is what it was: the shard closed, the evaluation open with nothing committed.
+    evaluation = client.get("r", model)
+    assert evaluation.state != FINALIZED and evaluation.ranks_closed == 1
+    assert not evaluation.HasField("result") or evaluation.result.num_samples == 0
+
+
 def test_result_waits_for_every_rank_with_a_timeout(client: EvalClient) -> None:
     (s0, y0, i0), (s1, y1, i1) = make_batches(2, 50)
     rank0 = client.evaluation(run="r", model="ddp", num_classes=NUM_CLASSES, rank=0, world_size=2)
@@ -306,12 +333,15 @@ def test_exception_in_the_block_aborts_without_closing_the_shard(client: EvalCli
 
 def test_bad_shapes_and_dtypes_fail_in_add_before_anything_is_sent(client: EvalClient) -> None:
     scores, labels, _ = make_batches(1, 10)[0]
-    with client.evaluation(run="r", model="shapes", num_classes=NUM_CLASSES, on_rejection="collect") as ev:
-        with pytest.raises(ValueError, match="scores must have shape"):
+    where = r"^add\(\) to rank 1 of r/shapes step 3: argument "
+    with client.evaluation(
+        run="r", model="shapes", step=3, rank=1, world_size=2, num_classes=NUM_CLASSES, on_rejection="collect"
+    ) as ev:
+        with pytest.raises(ValueError, match=where + rf"scores must have shape \[n, {NUM_CLASSES}\]"):
             ev.add(scores[:, :-1], labels)
-        with pytest.raises(ValueError, match="labels must have shape"):
+        with pytest.raises(ValueError, match=where + r"labels must have shape \[10\]"):
             ev.add(scores, labels[:-1])
-        with pytest.raises(TypeError, match="labels must be an integer"):
+        with pytest.raises(TypeError, match=where + "labels must be an integer array, got float32"):
             ev.add(scores, labels.astype(np.float32))
         ev.add(scores, labels)
     assert ev.summary is not None and ev.summary.chunks == 1 and not ev.rejections

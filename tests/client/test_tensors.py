@@ -82,17 +82,54 @@ def test_non_contiguous_tensor_is_sent_in_row_major_order() -> None:
 @pytest.mark.parametrize(
     ("scores", "labels", "ids", "error", "match"),
     [
-        (np.zeros((3, C + 1), np.float32), np.zeros(3, np.int64), None, ValueError, "scores must have shape"),
-        (np.zeros((3, C), np.float32), np.zeros(4, np.int64), None, ValueError, "labels must have shape"),
-        (np.zeros((3, C), np.float32), np.zeros(3, np.int64), np.zeros(2), ValueError, "sample_ids must"),
-        (np.zeros((3, C), np.int32), np.zeros(3, np.int64), None, TypeError, "floating point"),
-        (np.zeros((3, C), np.float32), np.zeros(3, np.float32), None, TypeError, "integer"),
-        (torch.zeros(3, C), torch.zeros(3, dtype=torch.bool), None, TypeError, "integer"),
+        (
+            np.zeros((3, C + 1), np.float32),
+            np.zeros(3, np.int64),
+            None,
+            ValueError,
+            rf"^argument scores must have shape \[n, {C}\]",
+        ),
+        (
+            np.zeros((3, C), np.float32),
+            np.zeros(4, np.int64),
+            None,
+            ValueError,
+            r"^argument labels must have shape \[3\]",
+        ),
+        (
+            np.zeros((3, C), np.float32),
+            np.zeros(3, np.int64),
+            np.zeros(2),
+            ValueError,
+            "^argument sample_ids must",
+        ),
+        (
+            np.zeros((3, C), np.int32),
+            np.zeros(3, np.int64),
+            None,
+            TypeError,
+            "^argument scores must be floating point",
+        ),
+        (
+            np.zeros((3, C), np.float32),
+            np.zeros(3, np.float32),
+            None,
+            TypeError,
+            "^argument labels must be an integer",
+        ),
+        (
+            torch.zeros(3, C),
+            torch.zeros(3, dtype=torch.bool),
+            None,
+            TypeError,
+            "^argument labels must be an integer",
+        ),
     ],
 )
 def test_wrong_shapes_and_dtypes_are_refused(
     scores: object, labels: object, ids: object, error: type[Exception], match: str
 ) -> None:
+    """The message leads with the argument it is about (not a bare or missing name)."""
     with pytest.raises(error, match=match):
         to_host_batch(scores, labels, ids, num_classes=C)
 

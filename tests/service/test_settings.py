@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,22 @@ def test_configuration_doc_lists_every_setting_and_default() -> None:
     for name, default, _ in Settings.describe():
         row = f"| `{name}` | `{default}` |" if default else f'| `{name}` | `""` |'
         assert row in doc, f"docs/configuration.md is missing or outdated for {name}"
+
+
+def test_toml_loads_without_tomllib_as_on_python_3_10(tmp_path: Path) -> None:
+    """Python 3.10 has no tomllib: settings fall back to tomli (a dependency there) for TOML files.
+
+    Checked in a fresh interpreter with tomllib made unimportable, so this runs on every Python.
+    """
+    toml = tmp_path / "s.toml"
+    toml.write_text("num_bins = 12\ntop_k = [1, 3]\n")
+    code = (
+        "import sys\n"
+        "sys.modules['tomllib'] = None  # what Python 3.10 is like: no tomllib to import\n"
+        "from evalstream.service.settings import Settings\n"
+        f"s = Settings.load({str(toml)!r}, env={{}})\n"
+        "print(s.num_bins, s.top_k, 'tomli' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["12", "(1,", "3)", "True"]
