@@ -136,7 +136,7 @@ def recommend(
     if p in cal_real:
         iv = calibrated[p]
         text = (
-            f"Pick {names[k]} at {_at(metrics[k])}: ranked by {primary} {names[p]} is first, but after "
+            f"Pick {names[k]} at {_at(metrics[k])}: ranked by {primary}, {names[p]} is first, but after "
             f"temperature scaling {names[k]} is best by a significant margin (calibrated NLL {cal[k]:.4f} vs "
             f"{cal[p]:.4f}; {names[p]} - {names[k]} = {_iv(iv)})"
         )
