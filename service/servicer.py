@@ -34,7 +34,7 @@ from evalstream.service.ingest import (
     validate_name,
 )
 from evalstream.service.store.base import EvaluationRow, ShardOpenRequest
-from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
+from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -432,6 +432,9 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             top_k=self.settings.top_k,
             gate=request.gate if request.HasField("gate") else None,
             engine_config=self.coordinator.engine_config,
+            recommendation=RECOMMENDATION_MODES.get(
+                request.recommendation, self.settings.compare_recommendation
+            ),
         )
         return await self.coordinator._in_worker(compare_models, candidates, options, baseline)
 
@@ -454,6 +457,14 @@ class EvalStreamServicer(service_pb2_grpc.EvalStreamServiceServicer):
             metrics=dict(result.metrics),
             records=records,
         )
+
+
+# CompareModelsRequest.recommendation -> CompareOptions.recommendation (UNSPECIFIED: the setting).
+RECOMMENDATION_MODES = {
+    compare_pb2.RECOMMENDATION_MODE_OFF: "off",
+    compare_pb2.RECOMMENDATION_MODE_ADVISORY: "advisory",
+    compare_pb2.RECOMMENDATION_MODE_ON: "on",
+}
 
 
 def unknown_fields(msg: Message, path: str = "") -> list[str]:

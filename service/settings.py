@@ -122,6 +122,13 @@ class Settings:
     compare_tie_tolerance: float = field(
         default=1e-9, metadata=_doc("primary-metric difference below which candidates count as tied")
     )
+    compare_recommendation: str = field(
+        default="on",
+        metadata=_doc(
+            '"on" (CompareModels leads with the model to pick, docs/compare.md), "advisory" (reported, '
+            'the primary metric stays the headline) or "off"; a request may choose'
+        ),
+    )
     exporter_max_series: int = field(
         default=1000, metadata=_doc("most run/model/split series the quality exporter publishes")
     )
@@ -173,6 +180,11 @@ class Settings:
         if not 0.0 < self.compare_confidence_level < 1.0:
             raise ValueError(
                 f"compare_confidence_level must be in (0, 1), got {self.compare_confidence_level}"
+            )
+        if self.compare_recommendation not in ("off", "advisory", "on"):
+            raise ValueError(
+                'compare_recommendation must be "off", "advisory" or "on", '
+                f"got {self.compare_recommendation!r}"
             )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
