@@ -68,7 +68,7 @@ def benjamini_hochberg(p: F64) -> F64:
     if m == 0:
         return np.zeros(0)
     order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
+    scaled = p[order] * (m / np.arange(1, m + 1))
     q = np.minimum.accumulate(scaled[::-1])[::-1]
     out = np.empty(m)
     out[order] = np.minimum(q, 1.0)
