@@ -104,7 +104,10 @@ def _table(resp: service_pb2.CompareModelsResponse, names: list[str]) -> list[st
 
 def _wrap(text: str, indent: str = "") -> list[str]:
     follow = " " * len(indent) if indent else "  "
-    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=follow) or [indent]
+    wrapped = textwrap.wrap(
+        text, WIDTH, initial_indent=indent, subsequent_indent=follow, break_on_hyphens=False
+    )
+    return wrapped or [indent]
 
 
 def _diagnosis(d: compare_pb2.PairDiagnosis, full: bool) -> list[str]:
@@ -129,6 +132,23 @@ def _diagnosis(d: compare_pb2.PairDiagnosis, full: bool) -> list[str]:
             f"(confidence {f.b_confidence_on_b_wins:.2f})",
             "  - ",
         )
+    return out
+
+
+def _pair_groups(diagnoses: Sequence[compare_pb2.PairDiagnosis]) -> list[str]:
+    """Pairs with the same causes under one line naming the causes once; flips per pair."""
+    groups: dict[tuple[str, ...], list[compare_pb2.PairDiagnosis]] = {}
+    for d in diagnoses:
+        groups.setdefault(tuple(d.causes), []).append(d)
+    out = []
+    for causes, pairs in groups.items():
+        out += _wrap(", ".join(CAUSE_TEXT.get(c, c) for c in causes) + ":", "  ")
+        for d in pairs:
+            text = f"{d.model_a} (lower loss) vs {d.model_b} (higher accuracy)"
+            if d.paired:
+                f = d.flips
+                text += f"; alone right: {d.model_a} {f.a_right_b_wrong:,}, {d.model_b} {f.b_right_a_wrong:,}"
+            out += _wrap(text, "    ")
     return out
 
 
@@ -238,8 +258,11 @@ def render_comparison(
             lines += _wrap(f"{cause.name}: {cause.finding}", "  - ")
     if resp.diagnoses:
         lines += ["", "Where loss and accuracy disagree:"]
-        for d in resp.diagnoses:
-            lines += _diagnosis(d, full)
+        if full:
+            for d in resp.diagnoses:
+                lines += _diagnosis(d, full)
+        else:
+            lines += _pair_groups(resp.diagnoses)
     regressions = _class_regressions(resp)
     if regressions:
         lines += ["", *regressions]

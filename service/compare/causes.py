@@ -91,6 +91,11 @@ def loss_split(a: Mapping[str, float], b: Mapping[str, float]) -> LossSplit:
     return LossSplit(_g(b, "nll") - _g(a, "nll"), on_right, on_wrong)
 
 
+def sentence(text: str) -> str:
+    """Capitalise a sentence that starts with "all", "both" or "the" (never a model's own name)."""
+    return text[0].upper() + text[1:] if text.startswith(("all ", "both ", "the ")) else text
+
+
 def names_text(names: Sequence[str], total: int) -> str:
     """'a', 'a and b', 'a, b and c'; 'all three' when every one of several candidates is named."""
     if total > 2 and len(names) == total:
@@ -133,7 +138,7 @@ def temperature_causes(facts: Sequence[ModelFacts]) -> list[Cause]:
             f"({sign} {limit:.2f}); temperature scaling lowers {'its' if one else 'their'} NLL by "
             f"{_list(gain, models, '{:.3f}')} nats."
         )
-        out.append(Cause(name, models, "best_temperature", values, limit, finding))
+        out.append(Cause(name, models, "best_temperature", values, limit, sentence(finding)))
     return out
 
 
@@ -154,7 +159,9 @@ def confidently_wrong(facts: Sequence[ModelFacts]) -> Cause | None:
         + ("its" if one else "their")
         + " loss."
     )
-    return Cause("confidently_wrong", models, "mean_confidence_wrong", values, CONFIDENT_ERROR, finding)
+    return Cause(
+        "confidently_wrong", models, "mean_confidence_wrong", values, CONFIDENT_ERROR, sentence(finding)
+    )
 
 
 def majority_bias(facts: Sequence[ModelFacts]) -> Cause | None:
@@ -183,7 +190,9 @@ def majority_bias(facts: Sequence[ModelFacts]) -> Cause | None:
         f"{_list({k: 100 * v for k, v in values.items()}, rest, '{:.1f} pt', named=True)} "
         f"(margin >= {100 * MAJORITY_GAP:.0f} pt over the others' median); {details}."
     )
-    return Cause("majority_bias", models, "top1_minus_balanced_accuracy", values, MAJORITY_GAP, finding)
+    return Cause(
+        "majority_bias", models, "top1_minus_balanced_accuracy", values, MAJORITY_GAP, sentence(finding)
+    )
 
 
 def low_confidence_correct(
@@ -200,13 +209,18 @@ def low_confidence_correct(
             held.append((name_a, name_b, split))
     if not held:
         return None
-    parts = "; ".join(f"{b} vs {a}: {100 * s.share_correct:.0f}% of {s.gap:.3f} nats" for a, b, s in held)
+    parts = "; ".join(
+        f"{b} vs {a}: {s.from_correct:+.3f} nats on correct predictions, {s.from_wrong:+.3f} on errors"
+        for a, b, s in held
+    )
     models = list(dict.fromkeys(b for _, b, _ in held))
     finding = (
-        f"The more accurate model's extra loss comes from correct predictions made with low confidence "
-        f"(share of the loss gap on correct samples >= {100 * LOSS_SPLIT:.0f}%): {parts}."
+        f"the more accurate model's extra loss comes from correct predictions made with low confidence "
+        f"(at least {100 * LOSS_SPLIT:.0f}% of the loss gap on correct samples): {parts}."
     )
-    return Cause("low_confidence_correct", models, "loss_gap_share_correct", values, LOSS_SPLIT, finding)
+    return Cause(
+        "low_confidence_correct", models, "loss_gap_share_correct", values, LOSS_SPLIT, sentence(finding)
+    )
 
 
 def model_causes(facts: Sequence[ModelFacts]) -> list[Cause]:

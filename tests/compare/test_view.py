@@ -74,7 +74,7 @@ def test_three_under_confident_candidates_fit_one_screen_recommendation_first() 
     assert lines[0].startswith(f"Recommendation: {resp.recommendation.text[:40]}")
     assert len(lines) <= 50 and max(len(line) for line in lines) <= 120
     # Shared causes once: "all three are under-confident", never once per pair.
-    assert text.count("under-confident:") == 1 and "all three are under-confident" in text
+    assert text.count("under-confident:") == 1 and "All three are under-confident" in text
     assert "confidently_wrong" not in text
 
 
