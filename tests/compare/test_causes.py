@@ -45,7 +45,7 @@ def test_under_confident_pair_is_never_called_confidently_wrong() -> None:
     assert sorted(under.models) == ["hedged", "timid"]
     assert all(under.values[n] < 1 / TEMPERATURE_MARGIN for n in under.models)
     assert under.values["timid"] == m["timid"]["best_temperature"]
-    assert f"{m['timid']['best_temperature']:.2f}" in under.finding and "both are under-confident" in under.finding
+    assert f"{m['timid']['best_temperature']:.2f}" in under.finding and "Both are under-confident" in under.finding
     low = causes["low_confidence_correct"]
     assert low.models == ["timid"] and low.values["timid vs hedged"] >= 0.5
     assert "low_confidence_correct" in diag.causes and "underconfident" in diag.causes
