@@ -34,7 +34,9 @@ def test_under_confident_pair_is_never_called_confidently_wrong() -> None:
     m = {c.name: c.metrics for c in result.candidates}
     # The pair disagrees, and the more accurate model pays more per error: what the old rule read
     # as "confidently wrong".
-    assert m["hedged"]["nll"] < m["timid"]["nll"] and m["hedged"]["accuracy_top1"] < m["timid"]["accuracy_top1"]
+    assert (
+        m["hedged"]["nll"] < m["timid"]["nll"] and m["hedged"]["accuracy_top1"] < m["timid"]["accuracy_top1"]
+    )
     assert m["timid"]["nll_wrong"] > m["hedged"]["nll_wrong"]
     causes = {c.name: c for c in result.causes}
     assert "confidently_wrong" not in causes
@@ -45,7 +47,10 @@ def test_under_confident_pair_is_never_called_confidently_wrong() -> None:
     assert sorted(under.models) == ["hedged", "timid"]
     assert all(under.values[n] < 1 / TEMPERATURE_MARGIN for n in under.models)
     assert under.values["timid"] == m["timid"]["best_temperature"]
-    assert f"{m['timid']['best_temperature']:.2f}" in under.finding and "Both are under-confident" in under.finding
+    assert (
+        f"{m['timid']['best_temperature']:.2f}" in under.finding
+        and "Both are under-confident" in under.finding
+    )
     low = causes["low_confidence_correct"]
     assert low.models == ["timid"] and low.values["timid vs hedged"] >= 0.5
     assert "low_confidence_correct" in diag.causes and "underconfident" in diag.causes

@@ -17,7 +17,7 @@ BROKEN = (2, 5, 11)
 
 
 def _pair() -> tuple[object, object, np.ndarray]:
-    """"new" is the true scores with BROKEN never predicted; "old" is a noisier model."""
+    """ "new" is the true scores with BROKEN never predicted; "old" is a noisier model."""
     logits, labels = world(N, C, seed=4, sharpness=2.0)
     rng = np.random.default_rng(8)
     old = candidate("old", logits + 3.0 * rng.standard_normal(logits.shape), labels, IDS)
@@ -41,7 +41,9 @@ def test_broken_classes_are_the_significant_regressions() -> None:
         assert c.other_recall == pytest.approx(c.only_other_right / c.support)
         assert c.p_value == mcnemar_exact(c.only_model_right, c.only_other_right) and c.q_value >= c.p_value
     # Largest support first, ties by class index.
-    assert [(-c.support, c.class_index) for c in r.changes] == sorted((-c.support, c.class_index) for c in r.changes)
+    assert [(-c.support, c.class_index) for c in r.changes] == sorted(
+        (-c.support, c.class_index) for c in r.changes
+    )
     assert r.worse == len(worse) and r.better == len(r.changes) - len(worse)
 
 

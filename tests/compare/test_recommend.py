@@ -30,7 +30,9 @@ def test_disagreeing_rankings_recommend_the_calibrated_best_with_its_temperature
     iv = rec.calibrated_differences["base"]
     # The interval is for calibrated NLL (base - sharp) at each model's own T*; it excludes 0.
     assert iv.lower > 0
-    assert iv.estimate == pytest.approx(base.metrics["calibrated_nll"] - sharp.metrics["calibrated_nll"], abs=1e-9)
+    assert iv.estimate == pytest.approx(
+        base.metrics["calibrated_nll"] - sharp.metrics["calibrated_nll"], abs=1e-9
+    )
     assert result.verdict.startswith(f"Pick sharp at T={sharp.metrics['best_temperature']:.2f}")
     assert "also the most accurate" in rec.text
     assert "By nll, base ranks first" in result.verdict

@@ -52,7 +52,8 @@ def test_verdict_comes_first_then_the_table(compared: Compared) -> None:
     assert "FAIL" in lines[header + 3] and " *" in lines[header + 3]
     assert "gate: sharp fails:" in text and "ece " in text.split("gate: sharp fails:")[1]
     assert "Where loss and accuracy disagree:" in text and "confidence scale" in text
-    assert "alone right: base 286, sharp 484" in text
+    flips = resp.diagnoses[0].flips
+    assert f"alone right: base {flips.a_right_b_wrong:,}, sharp {flips.b_right_a_wrong:,}" in text
     assert "Causes (each defined by its number in docs/compare.md):" in text
     assert "  - confidently_wrong: sharp errs with high confidence" in text
     assert "Per-class recall of sharp" in text and "vs base:" in text
