@@ -110,16 +110,12 @@ def _significance(
     if len(with_records) < 2:
         return out
     config = options.engine()
-    stats: list[Statistic] | None = []
-    if records[best] is not None:
-        for i in with_records:
-            stat = statistic_for(options.primary_metric, records[i], num_classes, config)  # type: ignore[arg-type]
-            if stat is None:
-                stats = None
-                break
-            stats.append(stat)
-    else:
-        stats = None
+    found_stats = [
+        statistic_for(options.primary_metric, records[i], num_classes, config)  # type: ignore[arg-type]
+        for i in (with_records if records[best] is not None else [])
+    ]
+    # None: the primary metric is not tested (no records for the best, or no weighted form).
+    stats = [s for s in found_stats if s is not None] if found_stats and None not in found_stats else None
     # Calibrated NLL, sample by sample, at each model's own T*.
     cal_others = []
     cal: dict[int, np.ndarray] = {}

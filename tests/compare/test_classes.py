@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evalstream.service.compare import CompareOptions, compare, compare_models
+from evalstream.service.compare import CandidateInput, CompareOptions, compare, compare_models
 from evalstream.service.compare.classes import benjamini_hochberg, min_discordant
 from evalstream.service.compare.mcnemar import mcnemar_exact
 from evalstream.v1 import compare_pb2
@@ -16,7 +16,7 @@ IDS = np.arange(N)
 BROKEN = (2, 5, 11)
 
 
-def _pair() -> tuple[object, object, np.ndarray]:
+def _pair() -> tuple[CandidateInput, CandidateInput, np.ndarray]:
     """ "new" is the true scores with BROKEN never predicted; "old" is a noisier model."""
     logits, labels = world(N, C, seed=4, sharpness=2.0)
     rng = np.random.default_rng(8)
@@ -29,7 +29,7 @@ def _pair() -> tuple[object, object, np.ndarray]:
 
 def test_broken_classes_are_the_significant_regressions() -> None:
     new, old, labels = _pair()
-    result = compare([old, new], CompareOptions(replicates=100))  # type: ignore[list-item]
+    result = compare([old, new], CompareOptions(replicates=100))
     assert result.recommendation is not None and result.recommendation.model == "new"
     [r] = result.class_regressions
     assert (r.model, r.other, r.baseline, r.fdr_level) == ("new", "old", False, pytest.approx(0.05))
@@ -50,7 +50,7 @@ def test_broken_classes_are_the_significant_regressions() -> None:
 def test_against_the_gates_baseline_too() -> None:
     new, old, _ = _pair()
     gate = compare_pb2.Gate()
-    resp = compare_models([new], CompareOptions(replicates=50, gate=gate), baseline=old)  # type: ignore[list-item]
+    resp = compare_models([new], CompareOptions(replicates=50, gate=gate), baseline=old)
     [r] = resp.class_regressions
     assert r.baseline and r.model == "new" and r.other.startswith("old")
     assert {c.class_index for c in r.changes if c.recall < c.other_recall} == set(BROKEN)
