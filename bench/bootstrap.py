@@ -2,7 +2,9 @@
 
 Times the paired Poisson bootstrap (service/compare) of the difference to the
 best for several primary metrics, the whole ``compare_models`` call (alignment,
-ranking, bootstrap, McNemar, diagnosis, response), and, for reference, the
+ranking, bootstrap, McNemar, causes, diagnosis, recommendation with its
+calibrated-NLL bootstrap, per-class changes, response) with the recommendation
+on (the default) and off, the per-class changes of one pair alone, and, for reference, the
 classic multinomial bootstrap with uint32 indices and gather-sums (timed on a
 few replicates and scaled to 1,000, since running it in full takes minutes).
 
@@ -23,6 +25,7 @@ import numpy as np
 from bench.common import measure, table, write_json
 from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
 from evalstream.service.compare.bootstrap import paired_bootstrap
+from evalstream.service.compare.classes import class_changes
 from evalstream.service.compare.statistics import statistic_for
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
@@ -103,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     options = CompareOptions(replicates=reps)
     full = measure(lambda: compare_models(cands, options), repeat=repeat, warmup=0)
     rows.append({"what": "compare_models (nll, everything)", "seconds": full.median, "timing": full})
+    off = CompareOptions(replicates=reps, recommendation="off")
+    plain = measure(lambda: compare_models(cands, off), repeat=repeat, warmup=0)
+    rows.append(
+        {"what": "compare_models (nll, recommendation off)", "seconds": plain.median, "timing": plain}
+    )
+    per_class = measure(
+        lambda: class_changes("m0", "m1", aligned[0], aligned[1], C, 0.05), repeat=repeat, warmup=0
+    )
+    rows.append({"what": "per-class changes, one pair", "seconds": per_class.median, "timing": per_class})
     probe = max(5, reps // 50)
     x = [r.nll.astype(np.float64) for r in aligned]
     classic = classic_bootstrap_seconds(x, probe) * reps / probe
