@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
 
@@ -275,9 +276,20 @@ def render_comparison(
 def plot_comparison(
     resp: service_pb2.CompareModelsResponse, evaluations: Mapping[str, evaluation_pb2.Evaluation], path: str
 ) -> None:
-    """Write a PNG titled with the recommendation: reliability diagrams overlaid, NLL against
-    temperature with each T* marked (star and dashed line), and top-1 accuracy by head / torso /
-    tail bucket, one colour per candidate (best first)."""
+    """Write ``comparison_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(resp, evaluations)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_figure(
+    resp: service_pb2.CompareModelsResponse, evaluations: Mapping[str, evaluation_pb2.Evaluation]
+) -> Any:
+    """A matplotlib Figure titled with the recommendation: reliability diagrams overlaid, NLL
+    against temperature with each T* marked (star and dashed line), and top-1 accuracy by head /
+    torso / tail bucket, one colour per candidate (best first). The caller closes it."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -351,5 +363,4 @@ def plot_comparison(
     title = resp.recommendation.text if resp.HasField("recommendation") else resp.verdict.split(". ")[0]
     fig.suptitle("\n".join(textwrap.wrap(textwrap.shorten(title, 300), 150)), fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalstream.client.compare_view import plot_comparison, render_comparison
+from evalstream.client.compare_view import comparison_figure, plot_comparison, render_comparison
 from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine.metrics import compute_metrics
@@ -94,3 +94,21 @@ def test_plot_writes_a_png(compared: Compared, tmp_path: Path) -> None:
     plot_comparison(resp, _evaluations(cands), str(out))
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_plot_title_is_the_recommendation_and_each_t_star_is_marked(compared: Compared) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    resp, cands = compared
+    fig = comparison_figure(resp, _evaluations(cands))
+    try:
+        assert fig._suptitle.get_text().replace("\n", " ") == resp.recommendation.text
+        temperature_panel = fig.axes[1]
+        vertical = {
+            line.get_xdata()[0] for line in temperature_panel.lines if len(set(line.get_xdata())) == 1
+        }
+        for c in resp.candidates:
+            assert any(abs(x - c.metrics["best_temperature"]) < 1e-9 for x in vertical)
+    finally:
+        plt.close(fig)
