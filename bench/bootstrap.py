@@ -12,12 +12,20 @@ Records are synthetic (no logits needed): 3,000 Zipf-distributed classes, top-1
 correct with a per-candidate probability, per-sample NLL and a temperature grid.
 
     .venv/bin/python -m bench.bootstrap [--samples N] [--replicates R] [--repeat K] [--quick]
+    .venv/bin/python -m bench.bootstrap --before REV [--rounds K]   # compare_models, REV vs this tree
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,14 +95,83 @@ def classic_bootstrap_seconds(x: list[np.ndarray], replicates: int) -> float:
     return time.perf_counter() - t0
 
 
+# Run in a subprocess with the working directory (and PYTHONPATH) at a source tree: times that tree's
+# compare_models on this module's synthetic candidates, a few times, and prints the seconds as JSON.
+_TIMER = """
+import json, sys, time
+from bench.bootstrap import candidates
+from evalstream.service.compare import CompareOptions, compare_models
+import evalstream.service.compare as where
+n, reps, runs = (int(a) for a in sys.argv[1:4])
+cands = candidates(n)
+seconds = []
+for _ in range(runs):
+    t0 = time.perf_counter()
+    compare_models(cands, CompareOptions(replicates=reps))
+    seconds.append(time.perf_counter() - t0)
+print(json.dumps({"module": where.__file__, "seconds": seconds}))
+"""
+
+
+def before_after(rev: str, n: int, reps: int, rounds: int, runs: int = 2) -> dict[str, Any]:
+    """compare_models of git revision ``rev`` and of this tree in one session, alternating
+    processes (before, after, before, after, ...) so that load on a shared machine hits both alike.
+
+    ``rev`` is exported with ``git archive`` to a temporary directory, its stubs generated, and
+    its service/ and client/ linked under evalstream/ so that they, not this tree's, are imported."""
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="evalstream-before-") as old:
+        subprocess.run(f"git archive {rev} | tar -x -C {old}", shell=True, check=True, cwd=root)
+        subprocess.run([sys.executable, "tools/gen_proto.py"], cwd=old, check=True, capture_output=True)
+        for part in ("service", "client"):
+            os.symlink(f"../{part}", f"{old}/evalstream/{part}")
+        for _ in range(rounds):
+            for label, tree in (("before", old), ("after", str(root))):
+                done = subprocess.run(
+                    [sys.executable, "-c", _TIMER, str(n), str(reps), str(runs)],
+                    cwd=tree,
+                    env={**os.environ, "PYTHONPATH": tree},
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                found = json.loads(done.stdout.strip().splitlines()[-1])
+                assert found["module"].startswith(tree), found["module"]
+                out[label] += found["seconds"]
+    before, after = statistics.median(out["before"]), statistics.median(out["after"])
+    return {
+        "rev": rev,
+        "seconds": out,
+        "median_before": before,
+        "median_after": after,
+        "ratio": after / before,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bootstrap", description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--replicates", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="100k samples, 200 replicates, one repeat")
+    ap.add_argument(
+        "--before",
+        metavar="REV",
+        help="only time compare_models of git revision REV against this tree, alternating (before/after)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="before/after rounds with --before")
     args = ap.parse_args(argv)
     n, reps, repeat = (100_000, 200, 1) if args.quick else (args.samples, args.replicates, args.repeat)
+    if args.before:
+        found = before_after(args.before, n, reps, args.rounds)
+        print(
+            f"compare_models, {n:,} samples x 3 candidates x {reps:,} replicates: before ({args.before}) "
+            f"median {found['median_before']:.2f} s, after {found['median_after']:.2f} s, "
+            f"ratio {found['ratio']:.2f}"
+        )
+        print(f"wrote {write_json('bootstrap_before_after', {'samples': n, 'replicates': reps, **found})}")
+        return 0
     cands = candidates(n)
     aligned = [c.records.dedupe()[0] for c in cands if c.records is not None]
     rows: list[dict[str, Any]] = []
