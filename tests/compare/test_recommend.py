@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from evalstream.service.compare import CompareError, CompareOptions, compare, compare_models
+from evalstream.service.compare.bootstrap import Interval
+from evalstream.service.compare.recommend import recommend
 from evalstream.service.compare.temperature import sample_nll_at
 from evalstream.v1 import compare_pb2
 from tests.compare.synth import candidate, world
@@ -88,3 +90,24 @@ def test_modes_off_and_advisory() -> None:
     with pytest.raises(CompareError) as err:
         compare([base, sharp], CompareOptions(recommendation="sometimes"))
     assert err.value.code == "INVALID_ARGUMENT" and "advisory" in err.value.message
+
+
+def _iv(lower: float, upper: float) -> Interval:
+    return Interval((lower + upper) / 2, lower, upper, 0.95)
+
+
+def test_disagreeing_rankings_without_a_significant_calibrated_lead() -> None:
+    """Rules 3 and 4 on the rule's own inputs: P leads by the primary metric, K after scaling."""
+    metrics = [
+        {"calibrated_nll": 1.00, "accuracy_top1": 0.50, "best_temperature": 1.3},
+        {"calibrated_nll": 0.99, "accuracy_top1": 0.60, "best_temperature": 0.8},
+    ]
+    names, order, calibrated = ["p", "k"], [0, 1], {0: _iv(-0.01, 0.03)}  # p - k on calibrated NLL
+    rec = recommend("on", names, metrics, order, "nll", {0: False, 1: True}, calibrated, 1)
+    assert rec is not None and rec.model == "p" and rec.basis == "primary" and rec.rankings_disagree
+    assert rec.temperature == 1.3 and "not significant" in rec.text
+    assert "Top-1 accuracy also favours k" in rec.text
+    rec = recommend("on", names, metrics, order, "nll", {0: False, 1: False}, calibrated, 1)
+    assert rec is not None and rec.model == "" and rec.basis == "none"
+    assert rec.text.startswith("No model can be recommended over the others")
+    assert recommend("off", names, metrics, order, "nll", {}, calibrated, 1) is None
