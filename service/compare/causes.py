@@ -76,11 +76,13 @@ def _g(m: Mapping[str, float], key: str) -> float:
 
 
 def wrong_confidence(records: Records | None) -> float:
-    """Mean top-1 confidence on the wrong predictions (NaN without records or errors)."""
+    """Mean top-1 confidence on the wrong predictions (NaN without records or errors); each sample
+    weighs 1 - its top-1 credit, as the engine splits the loss (a tied label is partly wrong)."""
     if records is None:
         return math.nan
-    wrong = ~records.correct
-    return float(records.confidence[wrong].astype(np.float64).mean()) if wrong.any() else math.nan
+    wrong = 1.0 - records.topk_credit(1)
+    total = float(wrong.sum())
+    return float((records.confidence.astype(np.float64) * wrong).sum() / total) if total > 0 else math.nan
 
 
 def loss_split(a: Mapping[str, float], b: Mapping[str, float]) -> LossSplit:

@@ -12,6 +12,10 @@ significant; they are left out of the procedure (Gilbert 2005, "A modified
 false discovery rate multiple-comparisons procedure for discrete data"), which
 makes it more powerful without giving up the false discovery rate.
 ``classes_tested`` says how many took part.
+
+Correctness is the binary top-1 view (argmax == label), the one McNemar's table
+needs, so each recall difference is exactly (only_model_right - only_other_right)
+/ support; with tied scores it can differ from the engine's tie-aware recall.
 """
 
 from __future__ import annotations

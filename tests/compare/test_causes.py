@@ -9,9 +9,11 @@ a prior-biased model that is not the more accurate one.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from evalstream.service.compare import CompareOptions, compare, compare_models
 from evalstream.service.compare.causes import CONFIDENT_ERROR, MAJORITY_GAP, TEMPERATURE_MARGIN
+from evalstream.service.engine.records import Records
 from tests.compare.synth import candidate, sample_labels, world, zipf_prior
 from tests.compare.test_compare import three_variants
 
@@ -20,9 +22,10 @@ IDS = np.arange(N)
 FAST = CompareOptions(replicates=200)
 
 
-def _mean_confidence_on_errors(records: object) -> float:
-    wrong = ~records.correct  # type: ignore[attr-defined]
-    return float(records.confidence[wrong].astype(np.float64).mean())  # type: ignore[attr-defined]
+def _mean_confidence_on_errors(records: Records) -> float:
+    """Mean top-1 confidence where argmax != label (these scores have no ties)."""
+    assert not records.ties.any()
+    return float(records.confidence[~records.correct].astype(np.float64).mean())
 
 
 def test_under_confident_pair_is_never_called_confidently_wrong() -> None:
@@ -65,8 +68,9 @@ def test_over_confident_model_with_confident_errors_is_confidently_wrong() -> No
     wrong = causes["confidently_wrong"]
     assert wrong.models == ["sharp"]
     assert sharp.records is not None and base.records is not None
-    assert wrong.values["sharp"] == _mean_confidence_on_errors(sharp.records) >= CONFIDENT_ERROR
-    assert wrong.values["base"] == _mean_confidence_on_errors(base.records) < CONFIDENT_ERROR
+    assert wrong.values["sharp"] == pytest.approx(_mean_confidence_on_errors(sharp.records), rel=1e-12)
+    assert wrong.values["base"] == pytest.approx(_mean_confidence_on_errors(base.records), rel=1e-12)
+    assert wrong.values["sharp"] >= CONFIDENT_ERROR > wrong.values["base"]
     assert causes["overconfident"].models == ["sharp"]
     assert causes["overconfident"].values["sharp"] > TEMPERATURE_MARGIN
     [diag] = result.diagnoses
