@@ -2,7 +2,9 @@
 
 Times the paired Poisson bootstrap (service/compare) of the difference to the
 best for several primary metrics, the whole ``compare_models`` call (alignment,
-ranking, bootstrap, McNemar, diagnosis, response), and, for reference, the
+ranking, bootstrap, McNemar, causes, diagnosis, recommendation with its
+calibrated-NLL bootstrap, per-class changes, response) with the recommendation
+on (the default) and off, the per-class changes of one pair alone, and, for reference, the
 classic multinomial bootstrap with uint32 indices and gather-sums (timed on a
 few replicates and scaled to 1,000, since running it in full takes minutes).
 
@@ -10,12 +12,20 @@ Records are synthetic (no logits needed): 3,000 Zipf-distributed classes, top-1
 correct with a per-candidate probability, per-sample NLL and a temperature grid.
 
     .venv/bin/python -m bench.bootstrap [--samples N] [--replicates R] [--repeat K] [--quick]
+    .venv/bin/python -m bench.bootstrap --before REV [--rounds K]   # compare_models, REV vs this tree
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +33,7 @@ import numpy as np
 from bench.common import measure, table, write_json
 from evalstream.service.compare import CandidateInput, CompareOptions, compare_models
 from evalstream.service.compare.bootstrap import paired_bootstrap
+from evalstream.service.compare.classes import class_changes
 from evalstream.service.compare.statistics import statistic_for
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.metrics import compute_metrics
@@ -84,14 +95,83 @@ def classic_bootstrap_seconds(x: list[np.ndarray], replicates: int) -> float:
     return time.perf_counter() - t0
 
 
+# Run in a subprocess with the working directory (and PYTHONPATH) at a source tree: times that tree's
+# compare_models on this module's synthetic candidates, a few times, and prints the seconds as JSON.
+_TIMER = """
+import json, sys, time
+from bench.bootstrap import candidates
+from evalstream.service.compare import CompareOptions, compare_models
+import evalstream.service.compare as where
+n, reps, runs = (int(a) for a in sys.argv[1:4])
+cands = candidates(n)
+seconds = []
+for _ in range(runs):
+    t0 = time.perf_counter()
+    compare_models(cands, CompareOptions(replicates=reps))
+    seconds.append(time.perf_counter() - t0)
+print(json.dumps({"module": where.__file__, "seconds": seconds}))
+"""
+
+
+def before_after(rev: str, n: int, reps: int, rounds: int, runs: int = 2) -> dict[str, Any]:
+    """compare_models of git revision ``rev`` and of this tree in one session, alternating
+    processes (before, after, before, after, ...) so that load on a shared machine hits both alike.
+
+    ``rev`` is exported with ``git archive`` to a temporary directory, its stubs generated, and
+    its service/ and client/ linked under evalstream/ so that they, not this tree's, are imported."""
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="evalstream-before-") as old:
+        subprocess.run(f"git archive {rev} | tar -x -C {old}", shell=True, check=True, cwd=root)
+        subprocess.run([sys.executable, "tools/gen_proto.py"], cwd=old, check=True, capture_output=True)
+        for part in ("service", "client"):
+            os.symlink(f"../{part}", f"{old}/evalstream/{part}")
+        for _ in range(rounds):
+            for label, tree in (("before", old), ("after", str(root))):
+                done = subprocess.run(
+                    [sys.executable, "-c", _TIMER, str(n), str(reps), str(runs)],
+                    cwd=tree,
+                    env={**os.environ, "PYTHONPATH": tree},
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                found = json.loads(done.stdout.strip().splitlines()[-1])
+                assert found["module"].startswith(tree), found["module"]
+                out[label] += found["seconds"]
+    before, after = statistics.median(out["before"]), statistics.median(out["after"])
+    return {
+        "rev": rev,
+        "seconds": out,
+        "median_before": before,
+        "median_after": after,
+        "ratio": after / before,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bootstrap", description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--replicates", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="100k samples, 200 replicates, one repeat")
+    ap.add_argument(
+        "--before",
+        metavar="REV",
+        help="only time compare_models of git revision REV against this tree, alternating (before/after)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="before/after rounds with --before")
     args = ap.parse_args(argv)
     n, reps, repeat = (100_000, 200, 1) if args.quick else (args.samples, args.replicates, args.repeat)
+    if args.before:
+        found = before_after(args.before, n, reps, args.rounds)
+        print(
+            f"compare_models, {n:,} samples x 3 candidates x {reps:,} replicates: before ({args.before}) "
+            f"median {found['median_before']:.2f} s, after {found['median_after']:.2f} s, "
+            f"ratio {found['ratio']:.2f}"
+        )
+        print(f"wrote {write_json('bootstrap_before_after', {'samples': n, 'replicates': reps, **found})}")
+        return 0
     cands = candidates(n)
     aligned = [c.records.dedupe()[0] for c in cands if c.records is not None]
     rows: list[dict[str, Any]] = []
@@ -103,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     options = CompareOptions(replicates=reps)
     full = measure(lambda: compare_models(cands, options), repeat=repeat, warmup=0)
     rows.append({"what": "compare_models (nll, everything)", "seconds": full.median, "timing": full})
+    off = CompareOptions(replicates=reps, recommendation="off")
+    plain = measure(lambda: compare_models(cands, off), repeat=repeat, warmup=0)
+    rows.append(
+        {"what": "compare_models (nll, recommendation off)", "seconds": plain.median, "timing": plain}
+    )
+    per_class = measure(
+        lambda: class_changes("m0", "m1", aligned[0], aligned[1], C, 0.05), repeat=repeat, warmup=0
+    )
+    rows.append({"what": "per-class changes, one pair", "seconds": per_class.median, "timing": per_class})
     probe = max(5, reps // 50)
     x = [r.nll.astype(np.float64) for r in aligned]
     classic = classic_bootstrap_seconds(x, probe) * reps / probe

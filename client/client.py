@@ -185,14 +185,19 @@ class EvalClient:
         confidence_level: float = 0.0,
         seed: int = 0,
         gate: compare_pb2.Gate | None = None,
+        recommendation: str = "",
         timeout: float | None = None,
     ) -> service_pb2.CompareModelsResponse:
         """Compare models of a run (the latest step of each, or ``step``), or explicit ``candidates``.
 
         With neither ``models`` nor ``candidates``, the server compares the
         latest evaluation of every model of ``run``. Zero/empty options take
-        the server's defaults.
+        the server's defaults. ``recommendation``: "off", "advisory" or "on"
+        (docs/compare.md); empty takes the server's setting.
         """
+        modes = {"": 0, "off": 1, "advisory": 2, "on": 3}
+        if recommendation not in modes:
+            raise ValueError(f'recommendation must be "off", "advisory" or "on", got {recommendation!r}')
         refs = builtins.list(candidates) + [_ref(run, m, split, step) for m in models]
         request = service_pb2.CompareModelsRequest(
             candidates=refs,
@@ -203,6 +208,7 @@ class EvalClient:
             confidence_level=confidence_level,
             seed=seed,
             gate=gate,
+            recommendation=modes[recommendation],  # type: ignore[arg-type]
         )
         return self._unary(
             "CompareModels", self._stub.CompareModels, request, timeout or max(self.timeout, 120.0)

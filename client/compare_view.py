@@ -1,5 +1,7 @@
-"""CompareModels for people: the verdict first, one compact table, then why metrics disagree;
-and a figure (reliability diagrams, NLL against temperature, accuracy by class bucket).
+"""CompareModels for people: the recommendation first, one compact table, then why metrics
+disagree (each cause once) and which classes the recommended model broke; and a figure
+(reliability diagrams, NLL against temperature with each T*, accuracy by class bucket) titled
+with the recommendation.
 
 matplotlib is an optional extra (``pip install evalstream[plot]``), imported only by
 ``plot_comparison``.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
 
@@ -25,11 +28,15 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 CAUSE_TEXT = {
     "confidence_scale": "confidence scale (temperature scaling fixes the loss gap)",
+    "low_confidence_correct": "right with low confidence",
     "confidently_wrong": "confidently wrong errors",
-    "overconfident": "overconfidence",
+    "underconfident": "under-confident",
+    "overconfident": "over-confident",
     "majority_bias": "predicts frequent classes more",
     "unexplained": "no single cause",
 }
+# Rows of the per-class table in the text (--json has every class).
+CLASS_ROWS = 10
 
 
 def candidate_names(candidates: Sequence[compare_pb2.CandidateResult]) -> list[str]:
@@ -98,12 +105,24 @@ def _table(resp: service_pb2.CompareModelsResponse, names: list[str]) -> list[st
 
 def _wrap(text: str, indent: str = "") -> list[str]:
     follow = " " * len(indent) if indent else "  "
-    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=follow) or [indent]
+    wrapped = textwrap.wrap(
+        text, WIDTH, initial_indent=indent, subsequent_indent=follow, break_on_hyphens=False
+    )
+    return wrapped or [indent]
 
 
-def _diagnosis(d: compare_pb2.PairDiagnosis) -> list[str]:
+def _diagnosis(d: compare_pb2.PairDiagnosis, full: bool) -> list[str]:
+    """A disagreeing pair: its causes and flips in one line, with every finding when ``full``."""
     causes = ", ".join(CAUSE_TEXT.get(c, c) for c in d.causes)
-    out = _wrap(f"{d.model_a} (lower loss) vs {d.model_b} (higher accuracy): {causes}")
+    head = f"{d.model_a} (lower loss) vs {d.model_b} (higher accuracy): {causes}"
+    if d.paired and not full:
+        f = d.flips
+        head += (
+            f"; flips: {d.model_a} alone right on {f.a_right_b_wrong:,}, {d.model_b} on {f.b_right_a_wrong:,}"
+        )
+    out = _wrap(head)
+    if not full:
+        return out
     for finding in d.findings:
         out += _wrap(finding, "  - ")
     if d.paired:
@@ -115,6 +134,79 @@ def _diagnosis(d: compare_pb2.PairDiagnosis) -> list[str]:
             "  - ",
         )
     return out
+
+
+def _pair_groups(diagnoses: Sequence[compare_pb2.PairDiagnosis]) -> list[str]:
+    """Pairs with the same causes under one line naming the causes once; flips per pair."""
+    groups: dict[tuple[str, ...], list[compare_pb2.PairDiagnosis]] = {}
+    for d in diagnoses:
+        groups.setdefault(tuple(d.causes), []).append(d)
+    out = []
+    for causes, pairs in groups.items():
+        out += _wrap(", ".join(CAUSE_TEXT.get(c, c) for c in causes) + ":", "  ")
+        for d in pairs:
+            text = f"{d.model_a} (lower loss) vs {d.model_b} (higher accuracy)"
+            if d.paired:
+                f = d.flips
+                text += f"; alone right: {d.model_a} {f.a_right_b_wrong:,}, {d.model_b} {f.b_right_a_wrong:,}"
+            out += _wrap(text, "    ")
+    return out
+
+
+def _class_regressions(resp: service_pb2.CompareModelsResponse) -> list[str]:
+    """One summary line per other model, then the CLASS_ROWS largest-support regressions of all."""
+    found = list(resp.class_regressions)
+    if not found:
+        return []
+    first = found[0]
+    lines = [
+        f"Per-class recall of {first.model} (top-1, shared samples; McNemar per class, "
+        f"Benjamini-Hochberg at {100 * first.fdr_level:g}%):"
+    ]
+    rows = []
+    for r in found:
+        lines += _wrap(
+            f"vs {r.other}: {r.worse} classes worse, {r.better} better, of {r.classes_tested:,} testable",
+            "  ",
+        )
+        rows += [(r.other, ch) for ch in r.changes if ch.recall < ch.other_recall]
+    rows.sort(key=lambda x: (-x[1].support, x[1].class_index))
+    if rows:
+        header = ["class", "support", f"recall {first.model}", "recall other", "other", "q"]
+        table = [header] + [
+            [
+                str(ch.class_index),
+                f"{ch.support:,}",
+                f"{100 * ch.recall:.1f}%",
+                f"{100 * ch.other_recall:.1f}%",
+                other,
+                f"{ch.q_value:.2g}",
+            ]
+            for other, ch in rows[:CLASS_ROWS]
+        ]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        shown = min(len(rows), CLASS_ROWS)
+        lines.append(f"  regressions, largest support first ({shown} of {len(rows)}; --json lists all):")
+        lines += [
+            "    "
+            + "  ".join(
+                v.ljust(w) if i == 4 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in table
+        ]
+    return lines
+
+
+def _headline(resp: service_pb2.CompareModelsResponse, names: list[str]) -> list[str]:
+    """The recommendation first ("on"), or the primary ranking then the advice ("advisory");
+    without a recommendation the verdict paragraph."""
+    if not resp.HasField("recommendation"):
+        return _wrap(resp.verdict)
+    rec = resp.recommendation
+    if rec.mode == compare_pb2.RECOMMENDATION_MODE_ADVISORY:
+        best = f"{names[0]} is best by {resp.primary_metric} (the primary metric decides)."
+        return [*_wrap(best), *_wrap(f"Advice: {rec.text}")]
+    return _wrap(f"Recommendation: {rec.text}")
 
 
 def _agreements(resp: service_pb2.CompareModelsResponse) -> list[str]:
@@ -138,13 +230,15 @@ def render_comparison(
     resp: service_pb2.CompareModelsResponse,
     evaluations: Mapping[str, evaluation_pb2.Evaluation] | None = None,
 ) -> str:
-    """Verdict, table, diagnoses, gate reasons and metric agreement, in about 100 columns.
+    """Recommendation first, then the table, gate reasons, causes, disagreeing pairs, per-class
+    regressions and metric agreement, in about 100 columns (the verdict first when there is no
+    recommendation).
 
     ``evaluations`` (by evaluation id) is not needed for the text; it is accepted so
     callers can pass the same arguments as to ``plot_comparison``."""
     del evaluations
     names = candidate_names(resp.candidates)
-    lines = [*_wrap(resp.verdict), "", *_table(resp, names)]
+    lines = [*_headline(resp, names), "", *_table(resp, names)]
     mode = (
         f"paired on {resp.common_samples:,} common samples"
         if resp.paired
@@ -157,10 +251,22 @@ def render_comparison(
     for c, name in zip(resp.candidates, names, strict=True):
         if c.HasField("gate") and not c.gate.passed:
             lines += _wrap(f"gate: {name} fails: " + "; ".join(c.gate.reasons))
+    # With a recommendation the verdict is not printed whole: its causes are listed here instead.
+    full = not resp.HasField("recommendation")
+    if resp.causes and not full:
+        lines += ["", "Causes (each defined by its number in docs/compare.md):"]
+        for cause in resp.causes:
+            lines += _wrap(f"{cause.name}: {cause.finding}", "  - ")
     if resp.diagnoses:
-        lines += ["", "Why loss and accuracy disagree:"]
-        for d in resp.diagnoses:
-            lines += _diagnosis(d)
+        lines += ["", "Where loss and accuracy disagree:"]
+        if full:
+            for d in resp.diagnoses:
+                lines += _diagnosis(d, full)
+        else:
+            lines += _pair_groups(resp.diagnoses)
+    regressions = _class_regressions(resp)
+    if regressions:
+        lines += ["", *regressions]
     agreement = _agreements(resp)
     if agreement:
         lines += ["", *agreement]
@@ -170,8 +276,20 @@ def render_comparison(
 def plot_comparison(
     resp: service_pb2.CompareModelsResponse, evaluations: Mapping[str, evaluation_pb2.Evaluation], path: str
 ) -> None:
-    """Write a PNG: reliability diagrams overlaid, NLL against temperature with each T* marked,
-    and top-1 accuracy by head / torso / tail bucket, one colour per candidate (best first)."""
+    """Write ``comparison_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(resp, evaluations)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_figure(
+    resp: service_pb2.CompareModelsResponse, evaluations: Mapping[str, evaluation_pb2.Evaluation]
+) -> Any:
+    """A matplotlib Figure titled with the recommendation: reliability diagrams overlaid, NLL
+    against temperature with each T* marked (star and dashed line), and top-1 accuracy by head /
+    torso / tail bucket, one colour per candidate (best first). The caller closes it."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -211,6 +329,7 @@ def plot_comparison(
             color=colour,
             linestyle="",
         )
+        temp.axvline(scan.best_temperature, color=colour, linestyle="--", linewidth=0.8)
         temp.annotate(
             f"T*={scan.best_temperature:.2f}",
             (scan.best_temperature, scan.calibrated_nll),
@@ -241,7 +360,7 @@ def plot_comparison(
     buck.set_xticks(range(3), [f"{b}\n(frequent)" if b == "head" else b for b in bucket_names])
     buck.set(title="Top-1 accuracy by class frequency", ylabel="accuracy")
     buck.legend(fontsize="small")
-    fig.suptitle(textwrap.shorten(resp.verdict.split(". ")[0], 150), fontsize="medium")
+    title = resp.recommendation.text if resp.HasField("recommendation") else resp.verdict.split(". ")[0]
+    fig.suptitle("\n".join(textwrap.wrap(textwrap.shorten(title, 300), 150)), fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

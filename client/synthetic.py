@@ -71,12 +71,13 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "overconfident",
-        "a reasonable model with logits scaled up: temperature fixes most of its loss",
-        confidence=(7.0, 4.0),
+        "a good model (the most accurate, hedging on its errors) with its logits scaled up 3x: "
+        "over-confident, so its loss is high until temperature scaling undoes the scale",
+        confidence=(9.0, 3.0),
         accuracy_shift=0.0,
-        true_share=(2.0, 4.0),
-        buried=0.4,
-        scale=2.5,
+        true_share=(3.0, 3.0),
+        buried=0.15,
+        scale=3.0,
     ),
 )
 

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--metric", default="", help="primary metric (default: the server's, usually nll)")
     cmp.add_argument("--replicates", type=int, default=0, help="bootstrap replicates (default: the server's)")
     cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument(
+        "--recommendation",
+        choices=("off", "advisory", "on"),
+        default="",
+        help="lead with the model to pick (on), report it as advice (advisory) or not at all "
+        "(default: the server's, usually on)",
+    )
     cmp.add_argument("--json", action="store_true", help="print JSON")
     cmp.add_argument("--plot", metavar="FILE.png", help="also save a comparison chart (needs matplotlib)")
 
@@ -185,6 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             primary_metric=args.metric,
             bootstrap_replicates=args.replicates,
             seed=args.seed,
+            recommendation=args.recommendation,
         )
         # Only the plot reads the candidates' evaluations, keyed by evaluation id as compare_view
         # expects (two candidates may share a model name).

@@ -30,7 +30,7 @@ from evalstream.service.errors import FailedPrecondition, InvalidArgument, NotFo
 from evalstream.service.ingest import DEFAULT_SPLIT, Coordinator, evaluation_key, validate_name
 from evalstream.service.store.base import EvaluationRow
 from evalstream.service.streaming import StreamHandler, StreamRequest
-from evalstream.v1 import evaluation_pb2, service_pb2
+from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -239,6 +239,9 @@ class EvalStreamServicer:
             top_k=self.settings.top_k,
             gate=request.gate if request.HasField("gate") else None,
             engine_config=self.coordinator.engine_config,
+            recommendation=RECOMMENDATION_MODES.get(
+                request.recommendation, self.settings.compare_recommendation
+            ),
         )
         return await self.coordinator._in_worker(compare_models, candidates, options, baseline)
 
@@ -261,6 +264,14 @@ class EvalStreamServicer:
             metrics=dict(result.metrics),
             records=records,
         )
+
+
+# CompareModelsRequest.recommendation -> CompareOptions.recommendation (UNSPECIFIED: the setting).
+RECOMMENDATION_MODES = {
+    compare_pb2.RECOMMENDATION_MODE_OFF: "off",
+    compare_pb2.RECOMMENDATION_MODE_ADVISORY: "advisory",
+    compare_pb2.RECOMMENDATION_MODE_ON: "on",
+}
 
 
 def ref_to_args(ref: evaluation_pb2.EvaluationRef) -> tuple[str, str, str, int | None]:

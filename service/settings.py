@@ -155,6 +155,13 @@ class Settings:
     compare_tie_tolerance: float = field(
         default=1e-9, metadata=_doc("primary-metric difference below which candidates count as tied")
     )
+    compare_recommendation: str = field(
+        default="on",
+        metadata=_doc(
+            '"on" (CompareModels leads with the model to pick, docs/compare.md), "advisory" (reported, '
+            'the primary metric stays the headline) or "off"; a request may choose'
+        ),
+    )
     exporter_max_series: int = field(
         default=1000, metadata=_doc("most run/model/split series the quality exporter publishes")
     )
@@ -210,6 +217,11 @@ class Settings:
         if self.grpc_stream_window_bytes < 0:
             raise ValueError(f"grpc_stream_window_bytes must be >= 0, got {self.grpc_stream_window_bytes}")
         self.warm_kernel_specs()  # validates warm_kernels
+        if self.compare_recommendation not in ("off", "advisory", "on"):
+            raise ValueError(
+                'compare_recommendation must be "off", "advisory" or "on", '
+                f"got {self.compare_recommendation!r}"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         self.engine_config()  # validates top_k, bins, temperature grid

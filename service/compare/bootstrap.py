@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from evalstream.service.compare.statistics import Statistic, paired_difference
+from evalstream.service.compare.statistics import Columns, Mean, Statistic, paired_difference
 from evalstream.service.compare.weights import weight_blocks
 
 
@@ -48,32 +48,63 @@ def paired_bootstrap(
     stats: Sequence[Statistic], best: int, n: int, replicates: int, level: float, seed: int
 ) -> list[Interval]:
     """Interval for stats[i] - stats[best] on shared replicate weights (the best's own is [0, 0])."""
+    return paired_intervals(stats, best, n, replicates, level, seed)[0]
+
+
+def paired_intervals(
+    stats: Sequence[Statistic],
+    best: int,
+    n: int,
+    replicates: int,
+    level: float,
+    seed: int,
+    extra: Sequence[npt.NDArray[np.float64]] = (),
+) -> tuple[list[Interval], list[Interval]]:
+    """``paired_bootstrap``'s intervals, and an interval for the mean of each ``extra`` column.
+
+    Every difference of two means and every extra column share one matrix product per weight
+    block (their columns side by side), so further mean statistics cost little beyond the
+    weights, which are drawn once for all of them."""
     if n <= 0:
         raise ValueError("paired bootstrap needs at least one common sample")
-    diffs = {i: paired_difference(s, stats[best]) for i, s in enumerate(stats) if i != best}
-    values = {i: np.empty(replicates) for i in diffs}
+    direct: dict[int, Mean] = {}
+    general: list[int] = []
+    for i, s in enumerate(stats):
+        if i != best:
+            diff = paired_difference(s, stats[best])
+            if diff is None:
+                general.append(i)
+            else:
+                direct[i] = diff
+    columns = [d.x for d in direct.values()] + [np.asarray(x, dtype=np.float64) for x in extra]
+    fused = Columns(np.stack(columns, axis=1)) if columns else None
+    means = np.empty((len(columns), replicates))
+    values = {i: np.empty(replicates) for i in general}
     done = 0
-    for w in weight_blocks(seed, replicates, n):
+    for w in weight_blocks(seed, replicates, n) if fused is not None or general else ():
         rows = slice(done, done + len(w))
-        base = None
-        for i, direct in diffs.items():
-            if direct is not None:
-                values[i][rows] = direct.evaluate(w)
-                continue
-            if base is None:
-                base = stats[best].evaluate(w)
-            values[i][rows] = stats[i].evaluate(w) - base
+        if fused is not None:
+            means[:, rows] = fused.means(w).T
+        if general:  # a general statistic needs the best's own value on the same weights
+            base = stats[best].evaluate(w)
+            for i in general:
+                values[i][rows] = stats[i].evaluate(w) - base
         done += len(w)
-    best_point = stats[best].point(n)
+    row = {i: r for r, i in enumerate(direct)}
+    best_point = stats[best].point(n) if general else 0.0
     out = []
     for i, s in enumerate(stats):
         if i == best:
             out.append(Interval(0.0, 0.0, 0.0, level))
-            continue
-        direct = diffs[i]
-        estimate = direct.point(n) if direct is not None else s.point(n) - best_point
-        out.append(percentile_interval(estimate, values[i], level))
-    return out
+        elif i in direct:
+            out.append(percentile_interval(direct[i].point(n), means[row[i]], level))
+        else:
+            out.append(percentile_interval(s.point(n) - best_point, values[i], level))
+    extras = [
+        percentile_interval(float(columns[len(direct) + j].mean()), means[len(direct) + j], level)
+        for j in range(len(extra))
+    ]
+    return out, extras
 
 
 def replicate_values(stat: Statistic, n: int, replicates: int, seed: int) -> npt.NDArray[np.float64]:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from evalstream.service.compare.agreement import kendall_tau_b
 from evalstream.service.compare.align import Aligned, align
-from evalstream.service.compare.bootstrap import Interval, paired_bootstrap, unpaired_bootstrap
-from evalstream.service.compare.diagnosis import diagnose, disagree
+from evalstream.service.compare.bootstrap import Interval, paired_intervals, unpaired_bootstrap
+from evalstream.service.compare.explain import explain
 from evalstream.service.compare.gate import GateSpec, evaluate_gate
 from evalstream.service.compare.inputs import CandidateInput, CompareError, CompareOptions
 from evalstream.service.compare.mcnemar import discordant, mcnemar_exact
 from evalstream.service.compare.ranking import competition_ranks, display_names, order_candidates, oriented
+from evalstream.service.compare.recommend import MODES
 from evalstream.service.compare.result import CandidateOutcome, Comparison
-from evalstream.service.compare.statistics import statistic_for
+from evalstream.service.compare.statistics import Mean, Statistic, statistic_for
+from evalstream.service.compare.temperature import sample_nll_at
 from evalstream.service.compare.verdict import write_verdict
 from evalstream.service.engine.config import EngineConfig
+from evalstream.service.engine.records import Records
 from evalstream.service.engine.registry import MetricInfo, direction, metric_infos
 
 
@@ -40,6 +46,11 @@ def _validate(
     if not 0.0 < options.confidence_level < 1.0:
         raise CompareError(
             "INVALID_ARGUMENT", f"confidence level must be in (0, 1), got {options.confidence_level}"
+        )
+    if options.recommendation not in MODES:
+        raise CompareError(
+            "INVALID_ARGUMENT",
+            f"recommendation must be one of {', '.join(MODES)}, got {options.recommendation!r}",
         )
     for attr, what in (("split", "split"), ("num_classes", "class count")):
         values = {getattr(c, attr) for c in everyone}
@@ -66,40 +77,80 @@ def _gate_spec(options: CompareOptions, infos: dict[str, MetricInfo]) -> GateSpe
     )
 
 
+@dataclass
+class Significance:
+    """Primary-metric intervals to the best and McNemar p-values, and calibrated-NLL intervals to
+    the best by calibrated NLL (``calibrated_best``), by candidate index; empty where not computed."""
+
+    intervals: dict[int, Interval] = field(default_factory=dict)
+    pvalues: dict[int, float] = field(default_factory=dict)
+    calibrated: dict[int, Interval] = field(default_factory=dict)
+    calibrated_best: int | None = None
+
+
+def _calibrated_best(metrics: Sequence[Mapping[str, float]], order: Sequence[int]) -> int | None:
+    finite = [i for i in order if math.isfinite(metrics[i].get("calibrated_nll", math.nan))]
+    return min(finite, key=lambda i: (metrics[i]["calibrated_nll"], order.index(i))) if finite else None
+
+
 def _significance(
-    aligned: Aligned, order: list[int], count: int, num_classes: int, options: CompareOptions
-) -> tuple[dict[int, Interval], dict[int, float]]:
-    """CIs of the primary-metric difference to the best, and McNemar p-values (paired only)."""
-    best = order[0]
+    aligned: Aligned,
+    metrics: Sequence[Mapping[str, float]],
+    order: list[int],
+    count: int,
+    num_classes: int,
+    options: CompareOptions,
+) -> Significance:
+    """Bootstrap intervals of the primary metric (to the best) and of calibrated NLL at each model's
+    own T* (to the best by calibrated NLL), on the same replicates when paired; McNemar when paired."""
+    out = Significance(calibrated_best=_calibrated_best(metrics, order))
+    best, k = order[0], out.calibrated_best
     records = aligned.records
     with_records = [i for i in range(count) if records[i] is not None]
-    if records[best] is None or len(with_records) < 2:
-        return {}, {}
+    if len(with_records) < 2:
+        return out
     config = options.engine()
-    stats = []
-    for i in with_records:
-        stat = statistic_for(options.primary_metric, records[i], num_classes, config)  # type: ignore[arg-type]
-        if stat is None:
-            return {}, {}
-        stats.append(stat)
-    pos = with_records.index(best)
+    found_stats = [
+        statistic_for(options.primary_metric, records[i], num_classes, config)  # type: ignore[arg-type]
+        for i in (with_records if records[best] is not None else [])
+    ]
+    # None: the primary metric is not tested (no records for the best, or no weighted form).
+    stats = [s for s in found_stats if s is not None] if found_stats and None not in found_stats else None
+    # Calibrated NLL, sample by sample, at each model's own T*.
+    cal_others = []
+    cal: dict[int, np.ndarray] = {}
+    if k is not None and records[k] is not None and options.recommendation != "off":
+        cal = {i: sample_nll_at(records[i], metrics[i]["best_temperature"]) for i in with_records}  # type: ignore[arg-type]
+        cal_others = [i for i in with_records if i != k]
+    pos = with_records.index(best) if best in with_records else 0
+    level, reps, seed = options.confidence_level, options.replicates, options.seed
     if aligned.paired:
-        found = paired_bootstrap(
-            stats, pos, aligned.common_samples, options.replicates, options.confidence_level, options.seed
+        primary, extra = paired_intervals(
+            stats or [],
+            pos,
+            aligned.common_samples,
+            reps,
+            level,
+            seed,
+            [cal[i] - cal[k] for i in cal_others],  # type: ignore[index]
         )
-    else:
-        sizes = [len(records[i]) for i in with_records]  # type: ignore[arg-type]
-        found = unpaired_bootstrap(
-            stats, sizes, pos, options.replicates, options.confidence_level, options.seed
-        )
-    intervals = dict(zip(with_records, found, strict=True))
-    pvalues: dict[int, float] = {}
-    if aligned.paired:
+        if stats is not None:
+            out.intervals = dict(zip(with_records, primary, strict=True))
+        out.calibrated = dict(zip(cal_others, extra, strict=True))
         for i in with_records:
-            if i != best:
+            if i != best and records[best] is not None:
                 b, c = discordant(records[best].correct, records[i].correct)  # type: ignore[union-attr]
-                pvalues[i] = mcnemar_exact(b, c)
-    return intervals, pvalues
+                out.pvalues[i] = mcnemar_exact(b, c)
+        return out
+    sizes = [len(records[i]) for i in with_records]  # type: ignore[arg-type]
+    if stats is not None:
+        found = unpaired_bootstrap(stats, sizes, pos, reps, level, seed)
+        out.intervals = dict(zip(with_records, found, strict=True))
+    if cal:
+        means: list[Statistic] = [Mean(cal[i]) for i in with_records]
+        found = unpaired_bootstrap(means, sizes, with_records.index(k), reps, level, seed)  # type: ignore[arg-type]
+        out.calibrated = {i: iv for i, iv in zip(with_records, found, strict=True) if i != k}
+    return out
 
 
 def _agreements(
@@ -120,6 +171,23 @@ def _agreements(
             if tau is not None:
                 out.append((a, b, tau))
     return out
+
+
+def _baseline_view(
+    baseline: CandidateInput | None,
+    aligned: Aligned,
+    ids: list[str],
+    extra: list[CandidateInput],
+    count: int,
+    names: list[str],
+) -> tuple[str, Records | None, int | None] | None:
+    """(name, aligned records, candidate index or None) of the gate's baseline."""
+    if baseline is None:
+        return None
+    if not extra:
+        i = ids.index(baseline.evaluation_id)
+        return names[i], aligned.records[i], i
+    return f"{baseline.model}@{baseline.step} (baseline)", aligned.records[count], None
 
 
 def compare(
@@ -150,7 +218,8 @@ def compare(
     secondary = [oriented(m.get(options.secondary_metric, math.nan), secondary_higher) for m in metrics]
     order = order_candidates(primary, secondary, names, options.tie_tolerance)
     best = order[0]
-    intervals, pvalues = _significance(aligned, order, count, candidates[0].num_classes, options)
+    sig = _significance(aligned, metrics, order, count, candidates[0].num_classes, options)
+    intervals, pvalues = sig.intervals, sig.pvalues
 
     ranking = [n for n, i in infos.items() if i.higher_is_better is not None and all(n in m for m in metrics)]
     ranks = {
@@ -187,12 +256,19 @@ def compare(
                 else evaluate_gate(spec, options.primary_metric, higher, m, base_metrics),
             )
         )
-    diagnoses = []
-    for x, i in enumerate(order):
-        for j in order[x + 1 :]:
-            if disagree(metrics[i], metrics[j], options.tie_tolerance):
-                ri, rj = (aligned.records[i], aligned.records[j]) if aligned.paired else (None, None)
-                diagnoses.append(diagnose(names[i], metrics[i], names[j], metrics[j], ri, rj))
+    explained = explain(
+        names,
+        metrics,
+        aligned.records[:count],
+        order,
+        options,
+        sig.calibrated,
+        sig.calibrated_best,
+        {i: c.distinguishable for i, c in zip(order, outcomes, strict=True) if c.interval is not None},
+        paired=aligned.paired,
+        baseline=_baseline_view(baseline, aligned, ids, extra, count, names),
+        num_classes=candidates[0].num_classes,
+    )
     result = Comparison(
         primary_metric=options.primary_metric,
         higher_is_better=higher,
@@ -202,8 +278,11 @@ def compare(
         replicates=options.replicates,
         seed=options.seed,
         confidence_level=options.confidence_level,
-        diagnoses=diagnoses,
+        diagnoses=explained.diagnoses,
         agreements=_agreements(metrics, options.agreement_metrics, config) if count >= 2 else [],
+        recommendation=explained.recommendation,
+        causes=explained.causes,
+        class_regressions=explained.class_regressions,
     )
     result.verdict = write_verdict(result, baseline.model if baseline is not None else None)
     return result

@@ -6,13 +6,14 @@ possible cause is tested on the metrics (and, when paired, the samples):
 - ``confidence_scale``: at each model's best temperature T* the calibrated NLL
   ranks B ahead, so the loss gap is a confidence-scale problem that
   temperature scaling fixes;
-- ``confidently_wrong``: B pays more loss per error (mean NLL of its top-1-wrong
-  samples), so its fewer errors still cost more in total;
-- ``overconfident``: B's mean confidence exceeds its accuracy by more than A's
-  and its ECE is higher;
-- ``majority_bias``: B's balanced accuracy is lower: it gains top-1 accuracy on
-  frequent classes (head) and loses it on rare ones, predicting frequent classes
-  more often than they occur (larger label-vs-prediction distance).
+- ``low_confidence_correct``: most of B's extra loss is on its correct
+  predictions (the loss split; causes.py);
+- ``confidently_wrong``: most of B's extra loss is on its errors and B's errors
+  carry high confidence (causes.py: mean confidence on wrong predictions, not
+  the NLL per error);
+- ``underconfident`` / ``overconfident`` / ``majority_bias``: the per-model cause
+  holds for B (causes.py), stated here with B's defining number; the numbers
+  of every candidate are in the comparison's causes, once.
 
 When none holds the cause is ``unexplained`` and the finding states the numbers.
 """
@@ -20,11 +21,12 @@ When none holds the cause is ``unexplained`` and the finding states the numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from evalstream.service.compare.causes import LOSS_SPLIT, loss_split
 from evalstream.service.compare.mcnemar import discordant
 from evalstream.service.engine.records import Records
 
@@ -96,11 +98,15 @@ def diagnose(
     b: Mapping[str, float],
     records_a: Records | None = None,
     records_b: Records | None = None,
+    held: Mapping[str, Collection[str]] | None = None,
 ) -> PairDiagnosisResult:
-    """Diagnose a disagreeing pair; (a, b) is reordered so that A has the lower loss."""
+    """Diagnose a disagreeing pair; (a, b) is reordered so that A has the lower loss.
+
+    ``held``: per-model causes (model -> cause names) found for the whole comparison."""
     if a["nll"] > b["nll"]:
         name_a, a, name_b, b, records_a, records_b = name_b, b, name_a, a, records_b, records_a
     g = lambda m, k: m.get(k, math.nan)  # noqa: E731
+    of_b = set((held or {}).get(name_b, ()))
     causes: list[str] = []
     findings: list[str] = []
     acc_gap = g(b, "accuracy_top1") - g(a, "accuracy_top1")
@@ -113,30 +119,36 @@ def diagnose(
             f"is {g(b, 'calibrated_nll'):.4f} vs {g(a, 'calibrated_nll'):.4f}: the loss gap is a "
             f"confidence-scale problem that temperature scaling fixes."
         )
-    if g(b, "nll_wrong") > g(a, "nll_wrong"):
+    split = loss_split(a, b)
+    if split.gap > 0 and split.share_correct >= LOSS_SPLIT:
+        causes.append("low_confidence_correct")
+        findings.append(
+            f"{name_b}'s extra {split.gap:.4f} nats: {split.from_correct:+.4f} on samples it gets right, "
+            f"{split.from_wrong:+.4f} on its errors (NLL on correct {g(b, 'nll_correct'):.3f} vs "
+            f"{g(a, 'nll_correct'):.3f}): it is right "
+            f"{_pt(acc_gap)} more often, with lower confidence."
+        )
+    elif split.gap > 0 and "confidently_wrong" in of_b:
         causes.append("confidently_wrong")
         findings.append(
-            f"{name_b} is right {_pt(acc_gap)} more often but pays {g(b, 'nll_wrong'):.3f} nats per error "
-            f"vs {g(a, 'nll_wrong'):.3f} for {name_a}; errors make {_pct(g(b, 'loss_share_wrong'))} of its "
-            f"loss vs {_pct(g(a, 'loss_share_wrong'))}."
+            f"{name_b}'s extra {split.gap:.4f} nats: {split.from_wrong:+.4f} on its errors, which carry "
+            f"high confidence, {split.from_correct:+.4f} on its correct predictions "
+            f"({g(b, 'nll_wrong'):.3f} nats per error vs "
+            f"{g(a, 'nll_wrong'):.3f} for {name_a})."
         )
-    if g(b, "overconfidence") > g(a, "overconfidence") and g(b, "ece") > g(a, "ece"):
-        causes.append("overconfident")
-        findings.append(
-            f"{name_b} is more overconfident: mean confidence exceeds accuracy by "
-            f"{_pt(g(b, 'overconfidence'))} vs {_pt(g(a, 'overconfidence'))}, ECE {g(b, 'ece'):.4f} "
-            f"vs {g(a, 'ece'):.4f}."
-        )
-    if g(b, "balanced_accuracy") < g(a, "balanced_accuracy"):
-        causes.append("majority_bias")
-        findings.append(
-            f"{name_b} gains {_pt(acc_gap)} top-1 accuracy but loses "
-            f"{_pt(g(a, 'balanced_accuracy') - g(b, 'balanced_accuracy'))} balanced accuracy: head "
-            f"{_pct(g(b, 'accuracy_head'))} vs {_pct(g(a, 'accuracy_head'))}, tail "
-            f"{_pct(g(b, 'accuracy_tail'))} vs {_pct(g(a, 'accuracy_tail'))}, label-vs-prediction distance "
-            f"{g(b, 'prediction_shift_tv'):.3f} vs {g(a, 'prediction_shift_tv'):.3f}: it predicts "
-            f"frequent classes more often."
-        )
+    gap = {n: g(m, "accuracy_top1") - g(m, "balanced_accuracy") for n, m in ((name_a, a), (name_b, b))}
+    for cause, words in (
+        ("underconfident", f"is under-confident (T*={g(b, 'best_temperature'):.2f})"),
+        ("overconfident", f"is over-confident (T*={g(b, 'best_temperature'):.2f})"),
+        (
+            "majority_bias",
+            f"gains accuracy on frequent classes: top-1 minus balanced accuracy {_pt(gap[name_b])} "
+            f"vs {_pt(gap[name_a])} for {name_a}",
+        ),
+    ):
+        if cause in of_b:
+            causes.append(cause)
+            findings.append(f"{name_b} {words}.")
     if not causes:
         causes.append("unexplained")
         findings.append(

@@ -39,7 +39,9 @@ class CompareOptions:
     ``engine_config``: the engine settings the candidates were evaluated with
     (bins, top-k), needed to recompute metrics on a common subset of samples;
     defaults to ``EngineConfig(top_k=top_k)``.
-    ``max_agreement_metrics``: Kendall's tau is reported between these headline metrics.
+    ``agreement_metrics``: Kendall's tau is reported between these headline metrics.
+    ``recommendation``: "off" (none), "advisory" (reported, the verdict's headline stays the
+    primary ranking) or "on" (the recommendation is the verdict's headline).
     """
 
     primary_metric: str = "nll"
@@ -50,6 +52,8 @@ class CompareOptions:
     seed: int = 0
     top_k: tuple[int, ...] = (1, 5)
     gate: compare_pb2.Gate | None = None
+    # "off", "advisory" or "on" (docs/compare.md, "Recommendation").
+    recommendation: str = "on"
     engine_config: EngineConfig | None = None
     agreement_metrics: tuple[str, ...] = (
         "nll",

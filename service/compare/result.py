@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from evalstream.service.compare.bootstrap import Interval
+from evalstream.service.compare.causes import Cause
+from evalstream.service.compare.classes import ClassRegressionResult
 from evalstream.service.compare.diagnosis import PairDiagnosisResult
 from evalstream.service.compare.gate import GateOutcome
+from evalstream.service.compare.recommend import RecommendationResult
 
 
 @dataclass
@@ -43,4 +46,10 @@ class Comparison:
     diagnoses: list[PairDiagnosisResult] = field(default_factory=list)
     # (metric_a, metric_b, tau)
     agreements: list[tuple[str, str, float]] = field(default_factory=list)
+    # None when the recommendation is off.
+    recommendation: RecommendationResult | None = None
+    # Each cause once, with every model it holds for.
+    causes: list[Cause] = field(default_factory=list)
+    # Recommended (else primary-best) model against every other candidate and the gate's baseline.
+    class_regressions: list[ClassRegressionResult] = field(default_factory=list)
     verdict: str = ""

@@ -301,7 +301,7 @@ def statistic_for(name: str, records: Records, num_classes: int, config: EngineC
     return None
 
 
-def paired_difference(a: Statistic, b: Statistic) -> Statistic | None:
+def paired_difference(a: Statistic, b: Statistic) -> Mean | None:
     """A single statistic for a - b when both are plain means (more precise, one product)."""
     if isinstance(a, Mean) and isinstance(b, Mean):
         return Mean(a.x - b.x)

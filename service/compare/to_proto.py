@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from evalstream.service.compare.bootstrap import Interval
+from evalstream.service.compare.causes import Cause
+from evalstream.service.compare.classes import ClassRegressionResult
 from evalstream.service.compare.diagnosis import PairDiagnosisResult
+from evalstream.service.compare.recommend import RecommendationResult
 from evalstream.service.compare.result import CandidateOutcome, Comparison
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2
 
@@ -30,6 +34,78 @@ def loss_summary(m: Mapping[str, float]) -> evaluation_pb2.LossSummary:
     )
 
 
+MODES = {
+    "off": compare_pb2.RECOMMENDATION_MODE_OFF,
+    "advisory": compare_pb2.RECOMMENDATION_MODE_ADVISORY,
+    "on": compare_pb2.RECOMMENDATION_MODE_ON,
+}
+
+
+def interval(iv: Interval) -> compare_pb2.ConfidenceInterval:
+    return compare_pb2.ConfidenceInterval(
+        estimate=iv.estimate, lower=iv.lower, upper=iv.upper, level=iv.level
+    )
+
+
+def recommendation(r: RecommendationResult, result: Comparison) -> compare_pb2.Recommendation:
+    out = compare_pb2.Recommendation(
+        mode=MODES[r.mode],
+        model=r.model,
+        basis=r.basis,
+        temperature=r.temperature,
+        text=r.text,
+        rankings_disagree=r.rankings_disagree,
+        accuracy_agrees_with_calibrated=r.accuracy_agrees,
+        calibrated_best=r.calibrated_best,
+        calibrated_differences={name: interval(iv) for name, iv in r.calibrated_differences.items()},
+    )
+    chosen = next((c for c in result.candidates if c.name == r.model), None) if r.model else None
+    if chosen is not None:
+        out.evaluation_id = chosen.evaluation_id
+        out.ref.CopyFrom(
+            evaluation_pb2.EvaluationRef(
+                run=chosen.run, model=chosen.model, split=chosen.split, step=chosen.step
+            )
+        )
+    return out
+
+
+def cause(c: Cause) -> compare_pb2.Cause:
+    return compare_pb2.Cause(
+        name=c.name,
+        models=c.models,
+        quantity=c.quantity,
+        values=c.values,
+        threshold=c.threshold,
+        finding=c.finding,
+    )
+
+
+def class_regressions(r: ClassRegressionResult) -> compare_pb2.ClassRegressions:
+    return compare_pb2.ClassRegressions(
+        model=r.model,
+        other=r.other,
+        baseline=r.baseline,
+        classes_tested=r.classes_tested,
+        fdr_level=r.fdr_level,
+        worse=r.worse,
+        better=r.better,
+        changes=[
+            compare_pb2.ClassChange(
+                class_index=ch.class_index,
+                support=ch.support,
+                recall=ch.recall,
+                other_recall=ch.other_recall,
+                only_model_right=ch.only_model_right,
+                only_other_right=ch.only_other_right,
+                p_value=ch.p_value,
+                q_value=ch.q_value,
+            )
+            for ch in r.changes
+        ],
+    )
+
+
 def candidate_result(c: CandidateOutcome) -> compare_pb2.CandidateResult:
     out = compare_pb2.CandidateResult(
         ref=evaluation_pb2.EvaluationRef(run=c.run, model=c.model, split=c.split, step=c.step),
@@ -43,12 +119,7 @@ def candidate_result(c: CandidateOutcome) -> compare_pb2.CandidateResult:
         samples_used=c.samples_used,
     )
     if c.interval is not None:
-        iv = c.interval
-        out.primary_difference.CopyFrom(
-            compare_pb2.ConfidenceInterval(
-                estimate=iv.estimate, lower=iv.lower, upper=iv.upper, level=iv.level
-            )
-        )
+        out.primary_difference.CopyFrom(interval(c.interval))
     if c.gate is not None:
         out.gate.CopyFrom(compare_pb2.GateResult(passed=c.gate.passed, reasons=c.gate.reasons))
     return out
@@ -84,7 +155,7 @@ def pair_diagnosis(d: PairDiagnosisResult) -> compare_pb2.PairDiagnosis:
 
 
 def to_response(result: Comparison) -> service_pb2.CompareModelsResponse:
-    return service_pb2.CompareModelsResponse(
+    out = service_pb2.CompareModelsResponse(
         primary_metric=result.primary_metric,
         higher_is_better=result.higher_is_better,
         candidates=[candidate_result(c) for c in result.candidates],
@@ -98,4 +169,9 @@ def to_response(result: Comparison) -> service_pb2.CompareModelsResponse:
         ],
         bootstrap_replicates=result.replicates,
         seed=result.seed,
+        causes=[cause(c) for c in result.causes],
+        class_regressions=[class_regressions(r) for r in result.class_regressions],
     )
+    if result.recommendation is not None:
+        out.recommendation.CopyFrom(recommendation(result.recommendation, result))
+    return out

@@ -63,6 +63,13 @@ def test_list_show_and_compare(populated: str) -> None:
     assert {c["ref"]["model"] for c in compared["candidates"]} == {"a", "b"}
     text = evalstream("compare", "cli", "--target", populated).stdout
     assert "a" in text and "b" in text and "nll" in text
+    assert (
+        text.startswith("Recommendation: ") and compared["recommendation"]["mode"] == "RECOMMENDATION_MODE_ON"
+    )
+    off = evalstream("compare", "cli", "--recommendation", "off", "--target", populated).stdout
+    assert re.match(r"[ab] is best by nll", off) and "Recommendation:" not in off
+    advisory = evalstream("compare", "cli", "--recommendation", "advisory", "--target", populated).stdout
+    assert re.match(r"[ab] is best by nll \(the primary metric decides\)\.\nAdvice: ", advisory)
 
 
 def test_compare_plot_writes_a_png(populated: str, tmp_path: Path) -> None:
@@ -91,6 +98,7 @@ def test_demo_json_shows_loss_and_accuracy_disagree(tmp_path: Path) -> None:
     assert metrics["smooth"]["accuracy_top1"] < metrics["sharp"]["accuracy_top1"]
     assert metrics["overconfident"]["ece"] > metrics["sharp"]["ece"] > 0
     assert out["comparison"]["candidates"][0]["ref"]["model"] == "smooth"
+    assert out["comparison"]["recommendation"]["model"] == "overconfident"
     assert out["streamed"]["samples"] == 9000
     assert "in-process server" in done.stderr
 

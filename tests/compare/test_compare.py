@@ -110,9 +110,10 @@ def test_confidence_scale_diagnosis_when_calibrated_nll_reverses_the_loss_rankin
     assert sharp.metrics["accuracy_top1"] > base.metrics["accuracy_top1"]
     [diag] = result.diagnoses
     assert diag.causes[:2] == ["confidence_scale", "confidently_wrong"]
+    assert {c.name for c in result.causes} >= {"overconfident", "confidently_wrong"}
     assert sharp.metrics["calibrated_nll"] < base.metrics["calibrated_nll"]
     assert "temperature scaling fixes" in diag.findings[0]
-    assert "temperature scaling" in result.verdict
+    assert "after temperature scaling" in result.verdict
 
 
 def test_response_message_carries_everything() -> None:
@@ -136,7 +137,8 @@ def test_response_message_carries_everything() -> None:
         a.metric_a == "nll" and a.metric_b == "accuracy_top1" and a.kendall_tau == -1.0
         for a in resp.agreements
     )
-    assert resp.verdict.startswith("base is best by nll")
+    assert resp.verdict.startswith("Pick sharp at T=") and "By nll, base ranks first" in resp.verdict
+    assert resp.recommendation.model == "sharp" and resp.recommendation.basis == "calibrated_nll"
     # Seeded: the same request gives the same response.
     assert compare_models([sharp, base], options, baseline=base) == resp
 
