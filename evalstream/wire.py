@@ -91,7 +91,7 @@ SCORE_KIND_NAMES: dict[int, str] = {
 
 # Wire dtype codes by numpy/torch dtype name, and how numpy holds each. numpy has no bfloat16: its
 # values travel through numpy as their 16-bit patterns (int16), at both ends.
-DTYPE_CODES: dict[str, int] = {
+DTYPE_CODES: dict[str, tensor_pb2.DataType] = {
     "float32": DT.DATA_TYPE_FLOAT32,
     "float16": DT.DATA_TYPE_FLOAT16,
     "bfloat16": DT.DATA_TYPE_BFLOAT16,
@@ -132,7 +132,8 @@ def host_array(x: Any) -> npt.NDArray[Any]:
         return a.view(np.int16) if a.dtype.name == "bfloat16" else a  # e.g. ml_dtypes.bfloat16
     if x.dtype == _torch().bfloat16:
         x = x.view(_torch().int16)
-    return x.numpy()  # type: ignore[no-any-return]
+    view: npt.NDArray[Any] = x.numpy()
+    return view
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def encode_tensor(array: Any) -> tensor_pb2.Tensor:
     if code is None:
         raise TypeError(f"cannot encode dtype {name}; use float32, float16, bfloat16, int32 or int64")
     host = np.ascontiguousarray(host_array(array), dtype=HOST_DTYPES[code])
-    return tensor_pb2.Tensor(dtype=code, shape=list(host.shape), raw_contents=host.tobytes())  # type: ignore[arg-type]
+    return tensor_pb2.Tensor(dtype=code, shape=list(host.shape), raw_contents=host.tobytes())
 
 
 # -- reading ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ chunks without protobuf).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -93,14 +94,13 @@ def rpc(handler: H) -> H:
 
         @functools.wraps(handler)
         async def streaming(self: EvalStreamServicer, request: Any, context: Context) -> AsyncIterator[Any]:
-            answers = handler(self, request, context)
             try:
-                async for answer in answers:
-                    yield answer
+                # Closed now, not when collected: closing releases the stream's lease.
+                async with contextlib.aclosing(handler(self, request, context)) as answers:
+                    async for answer in answers:
+                        yield answer
             except Exception as exc:
                 await fail(self, context, exc)
-            finally:
-                await answers.aclose()  # now, not when collected: it releases the stream's lease
 
         return cast(H, streaming)
 
@@ -129,8 +129,10 @@ class EvalStreamServicer:
     async def StreamEvaluation(
         self, requests: AsyncIterator[StreamRequest], context: Context
     ) -> AsyncIterator[service_pb2.StreamEvaluationResponse]:
-        async for answer in self.streams.serve(requests, context.peer(), context.invocation_metadata()):
-            yield answer
+        metadata = context.invocation_metadata()
+        async with contextlib.aclosing(self.streams.serve(requests, context.peer(), metadata)) as answers:
+            async for answer in answers:
+                yield answer
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.coordinator._in_io(fn, *args)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,7 @@ class StreamHandler:
 
     async def serve(
         self, requests: AsyncIterator[StreamRequest], peer: str, metadata: Any
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         """The call's answers; a protocol error ends it by raising (the servicer maps it)."""
         self.telemetry.active_streams.inc()
         stream = _Stream(metadata_cumulative=wants_cumulative_acks(metadata))
