@@ -14,4 +14,5 @@ BENCHMARKS: dict[str, str] = {
     "memory": "bench.memory",
     "load": "bench.load",
     "windows": "bench.windows",
+    "records": "bench.records",
 }

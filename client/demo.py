@@ -34,6 +34,14 @@ class DemoConfig:
     zipf_exponent: float = 1.0
     run: str = ""
     result_timeout_s: float = 300.0
+    # Where each rank's scores are reduced: "server", "client", "auto", or "mixed" (even ranks
+    # reduce on the client and send records, odd ranks send logits: both modes in one evaluation).
+    reduce: str = "mixed"
+
+    def rank_mode(self, rank: int) -> str:
+        if self.reduce == "mixed":
+            return "client" if rank % 2 == 0 else "server"
+        return self.reduce
 
 
 @dataclass
@@ -81,6 +89,7 @@ def _stream_rank(
         rank=rank,
         world_size=config.world_size,
         dataset_size=data.num_samples,
+        reduce=config.rank_mode(rank),  # type: ignore[arg-type]
     )
     streams.add(ev)
     with ev:
@@ -147,6 +156,15 @@ def _label_stats(data: SyntheticValidationSet) -> dict[str, Any]:
     }
 
 
+def _modes(config: DemoConfig) -> str:
+    """Which ranks reduced where, for the report."""
+    names = {"client": "records reduced on the client", "server": "logits reduced on the server"}
+    parts = [
+        f"rank {r}: {names.get(config.rank_mode(r), config.rank_mode(r))}" for r in range(config.world_size)
+    ]
+    return "; ".join(parts)
+
+
 def render_demo(result: DemoResult, comparison_text: str) -> str:
     """The terminal report: what was streamed, a per-model table, then the comparison."""
     c, s = result.config, result.label_stats
@@ -154,7 +172,7 @@ def render_demo(result: DemoResult, comparison_text: str) -> str:
         f"run {result.run}: {c.num_samples:,} validation samples x {len(result.evaluations)} models, "
         f"{c.num_classes:,} classes (Zipf {c.zipf_exponent:g}: the largest class holds "
         f"{s['largest_class_share']:.1%} of the labels, {s['classes_present']:,} classes appear), "
-        f"{c.world_size} ranks per model\n"
+        f"{c.world_size} ranks per model ({_modes(c)})\n"
         f"streamed {result.samples:,} samples in {result.seconds:.1f} s "
         f"({result.samples / max(result.seconds, 1e-9):,.0f} samples/s end to end, metrics included)"
     )

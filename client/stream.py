@@ -25,6 +25,7 @@ import grpc
 
 from evalstream import wire
 from evalstream.client.errors import ChunkRejectedError, EvalStreamError, EvaluationTimeout
+from evalstream.client.reduce import ClientEngine, RecordsBatch, device_batch, is_cuda_tensor
 from evalstream.client.tensors import (
     HostBatch,
     HostPool,
@@ -81,6 +82,9 @@ class StreamOptions:
     copy: bool
     retry: RetryPolicy
     open_timeout: float | None
+    # "server" (scores travel) or "client" (records travel, see reduce.py); auto is resolved at open.
+    reduce: str = "server"
+    reduce_backend: str = "eager"
 
 
 @dataclass
@@ -155,9 +159,9 @@ class EvaluationStream:
         self.rejections: list[service_pb2.ChunkRejection] = []
         self._unreported: list[service_pb2.ChunkRejection] = []
         self._cv = threading.Condition()
-        self._batches: collections.deque[HostBatch | EncodedBatch] = collections.deque()
+        self._batches: collections.deque[HostBatch | EncodedBatch | RecordsBatch] = collections.deque()
         self._queued_bytes = 0
-        self._cur: HostBatch | EncodedBatch | None = None
+        self._cur: HostBatch | EncodedBatch | RecordsBatch | None = None
         self._cur_row = 0  # the next row of a HostBatch, the next chunk of an EncodedBatch
         self._next_seq = 0
         # Sequence numbers taken by queued batches (add() encodes host batches with theirs).
@@ -172,6 +176,8 @@ class EvaluationStream:
         self._summary: service_pb2.ShardSummary | None = None
         self._error: EvalStreamError | None = None
         self._call: Any = None
+        # The client-side engine (reduce="client"), built from the open reply's records layout.
+        self._engine: ClientEngine | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"evalstream-rank{open_request.rank}", daemon=True
         )
@@ -191,6 +197,11 @@ class EvaluationStream:
             return self._samples_committed
 
     @property
+    def reduce_mode(self) -> str:
+        """Where this shard's scores are reduced: "server" or "client"."""
+        return self._opt.reduce
+
+    @property
     def summary(self) -> service_pb2.ShardSummary | None:
         """The server's summary once the shard is closed."""
         return self._summary
@@ -207,6 +218,9 @@ class EvaluationStream:
         self._raise_if_failed(include_rejections=True)
         if self._close_requested or self._aborted:
             raise EvalStreamError("add() after close() or abort()")
+        if self._opt.reduce == "client":
+            self._enqueue(self._records_batch(scores, labels, sample_ids), 0)
+            return
         # Host data is encoded right here (no separate host copy; see EncodedBatch); device data gets
         # its asynchronous copy and is encoded by the sender once the copy is done.
         try:
@@ -231,6 +245,30 @@ class EvaluationStream:
         chunks = -(-host.rows // step)
         if host.event is None:
             batch = self._encode(host, step, self._reserved_seq)
+        self._enqueue(batch, chunks)
+
+    def _records_batch(self, scores: Any, labels: Any, sample_ids: Any) -> RecordsBatch:
+        """Client mode: keep the batch for the sender's engine (a pooled host copy, or a CUDA tensor
+        by reference with an event); no reduction, compile or device synchronization here."""
+        if is_cuda_tensor(scores):
+            dev = device_batch(scores, labels, sample_ids, self._open.num_classes)
+            return RecordsBatch(dev, dev.rows, dev.nbytes)
+        host = to_host_batch(
+            scores,
+            labels,
+            sample_ids,
+            num_classes=self._open.num_classes,
+            copy=self._opt.copy,
+            pool=self._pool,
+            host_pool=self._host_pool,
+        )
+        return RecordsBatch(host, host.rows, host.nbytes)
+
+    def _enqueue(self, batch: HostBatch | EncodedBatch | RecordsBatch, chunks: int) -> None:
+        """Queue a batch for the sender, waiting while ``max_buffer_bytes`` are queued (backpressure)."""
+        if batch.rows == 0:
+            batch.release()
+            return
         with self._cv:
             waited = False
             start = time.perf_counter()
@@ -476,6 +514,8 @@ class EvaluationStream:
         if first.WhichOneof("message") != "opened":
             raise EvalStreamError(f"expected ShardOpened, got {first.WhichOneof('message')}")
         opened = first.opened
+        if self._opt.reduce == "client" and self._engine is None and not opened.already_closed:
+            self._engine = self._client_engine(opened)
         with self._cv:
             session.progressed = True
             self._opened = opened
@@ -498,6 +538,25 @@ class EvaluationStream:
         # Our close went through but its summary was lost with the connection.
         self._summary_from_store(opened)
         return None
+
+    def _client_engine(self, opened: service_pb2.ShardOpened) -> ClientEngine:
+        """The engine for the layout in the open reply (FAILED_PRECONDITION before anything is sent)."""
+        if not opened.HasField("records_layout"):
+            raise EvalStreamError(
+                "the server did not send a records layout for reduce='client' (a server too old for "
+                "client-side reduction); use reduce='server'",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        log_probs = self._open.score_kind == evaluation_pb2.SCORE_KIND_LOG_PROBABILITIES
+        kind = "log_probabilities" if log_probs else "logits"
+        return ClientEngine.from_reply(
+            opened.records_layout,
+            self._open.num_classes,
+            kind,
+            self._opt.reduce_backend,
+            self._opt.chunk_bytes,
+            self._opt.max_message_bytes,
+        )
 
     def _summary_from_store(self, opened: service_pb2.ShardOpened) -> None:
         evaluation = self._get_evaluation()
@@ -542,7 +601,9 @@ class EvaluationStream:
                         reqs.put(service_pb2.StreamEvaluationRequest(close=close).SerializeToString())
                     self._cv.wait()
                 batch, start, seq = self._cur, self._cur_row, self._next_seq
-            if isinstance(batch, EncodedBatch):
+            if isinstance(batch, RecordsBatch) and not batch.reduced and not self._reduce(batch, seq):
+                continue
+            if isinstance(batch, EncodedBatch | RecordsBatch):
                 req, rows, stop = batch.chunks[start], batch.rows_per_chunk[start], start + 1
                 batch.chunks[start] = b""  # kept in _unacked from here; the batch lets go of it
                 done = stop >= len(batch.chunks)
@@ -564,6 +625,35 @@ class EvaluationStream:
                     batch.release()
                     self._cv.notify_all()
             reqs.put(req)
+
+    def _reduce(self, batch: RecordsBatch, seq: int) -> bool:
+        """Client mode: reduce the sender's current batch into its messages, numbered from ``seq``.
+
+        A batch the engine refuses (a label out of range, a NaN, ...) is dropped and reported as a
+        rejection, as the server would have reported its chunks: nothing was sent, no sequence
+        number is consumed, and the stream goes on. False then.
+        """
+        from evalstream.service.engine.errors import ChunkError
+
+        assert self._engine is not None
+        try:
+            self._engine.reduce(batch, seq)
+            return True
+        except ChunkError as exc:
+            rejection = service_pb2.ChunkRejection(
+                sequence=seq,
+                code="INVALID_ARGUMENT",
+                reason=exc.reason,
+                message=f"refused by the client's engine before sending: {exc.message}",
+            )
+            with self._cv:
+                self.rejections.append(rejection)
+                self._unreported.append(rejection)
+                self._cur = None
+                self._queued_bytes -= batch.nbytes
+                batch.release()
+                self._cv.notify_all()
+            return False
 
     def _read(self, call: Any, session: _Session) -> None:
         """Apply acknowledgements and the summary until the stream ends."""

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranks", type=int, default=2, help="ranks streaming each model (default: %(default)s)"
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--reduce",
+        choices=("mixed", "client", "server", "auto"),
+        default="mixed",
+        help="where scores become records: mixed (even ranks on the client, odd ranks on the server; "
+        "default), client, server or auto",
+    )
     demo.add_argument("--run", default="", help="run name (default: demo-<time>)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of tables")
     demo.add_argument("--plot", metavar="FILE.png", help="also save a comparison chart (needs matplotlib)")
@@ -227,6 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         world_size=args.ranks,
         run=args.run,
+        reduce=args.reduce,
     )
     if args.target_given:
         with _client(args) as client:

@@ -11,6 +11,14 @@ after each epoch every rank evaluates its part of the validation set
 (``DistributedSampler``) and streams logits, labels and sample ids. The sample
 ids make the merge exact even though the sampler pads the last batch by
 repeating samples: the service counts each id once.
+
+``--reduce`` says where the logits become per-sample records: ``server`` (the
+logits travel), ``client`` (each rank runs the service's engine on its own
+device and sends compact per-sample records), ``auto``, or ``mixed`` (the default here:
+even ranks reduce locally, odd ranks send logits; one evaluation, merged
+exactly, to show both modes side by side)::
+
+    python examples/ddp_eval.py --reduce client
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -44,6 +53,13 @@ def make_split(samples: int, seed: int) -> TensorDataset:
     return TensorDataset(x, labels, torch.arange(samples))
 
 
+def rank_mode(reduce: str, rank: int) -> Literal["server", "client", "auto"]:
+    """The reduce mode of one rank: "mixed" alternates client (even ranks) and server (odd)."""
+    if reduce == "mixed":
+        return "client" if rank % 2 == 0 else "server"
+    return reduce  # type: ignore[return-value]
+
+
 def evaluate(
     model: nn.Module, loader: DataLoader, client: EvalClient, args: argparse.Namespace, step: int
 ) -> None:
@@ -59,13 +75,18 @@ def evaluate(
             world_size=world,
             num_classes=NUM_CLASSES,
             dataset_size=len(loader.dataset),  # type: ignore[arg-type]
+            reduce=rank_mode(args.reduce, rank),
         ) as ev,
     ):
         for x, y, ids in loader:
             ev.add(model(x), y, sample_ids=ids)  # host copy + enqueue; sent in the background
     summary = ev.summary
     assert summary is not None
-    print(f"rank {rank}: step {step} sent {summary.samples} samples in {summary.chunks} chunks", flush=True)
+    print(
+        f"rank {rank}: step {step} sent {summary.samples} samples in {summary.chunks} chunks "
+        f"(reduce={ev.reduce_mode})",
+        flush=True,
+    )
     if rank == 0:
         m = ev.result(timeout=120).result.metrics
         print(
@@ -117,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=int, default=20_000, help="training samples (validation: a quarter)"
     )
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn without torchrun")
+    parser.add_argument(
+        "--reduce",
+        choices=("mixed", "client", "server", "auto"),
+        default="mixed",
+        help="where logits become records (default: mixed, even ranks on the client)",
+    )
     args = parser.parse_args(argv)
 
     if "RANK" in os.environ:  # launched by torchrun: one process per rank already

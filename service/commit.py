@@ -113,7 +113,7 @@ class Committer:
         assert isinstance(pending.part, Reduced)
         self._telemetry.chunks.inc()
         self._telemetry.samples.inc(pending.part.samples)
-        self._telemetry.bytes.inc(pending.num_bytes)
+        self._telemetry.count_bytes(pending.part.mode, pending.part.num_bytes)
         return ChunkOutcome(shard.next_sequence, shard.samples)
 
     async def _resync(self, lease: Lease, conflict: SequenceConflict) -> ChunkOutcome:

@@ -31,6 +31,7 @@ import torch
 
 from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
 from evalstream.service.decode import DecodedChunk
+from evalstream.service.engine import Records
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
 from evalstream.service.finalizer import Finalizer
@@ -259,6 +260,13 @@ class Coordinator:
         Waits while both of the stream's blocks are busy (backpressure).
         """
         return await _writer(lease).submit(sequence, decode)
+
+    def submit_records(
+        self, lease: Lease, sequence: int, decode: Callable[[], Records]
+    ) -> asyncio.Future[ChunkOutcome]:
+        """Take one RecordsChunk (a client's records) and return its outcome's future; same sequence
+        rules, commit path and acknowledgements as a chunk of scores (see ``shard_writer.py``)."""
+        return _writer(lease).submit_records(sequence, decode)
 
     async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
         """``submit_chunk``, flush, and wait for its outcome."""

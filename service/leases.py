@@ -40,6 +40,8 @@ class Lease:
     accepted: int = 0
     # Stages, reduces and commits this stream's chunks in order (set when the lease is granted).
     writer: ShardWriter | None = field(default=None, repr=False)
+    # Where this shard's scores are reduced: "server" (Chunk messages) or "client" (RecordsChunk).
+    reduce: str = "server"
 
     def __post_init__(self) -> None:
         self.accepted = max(self.accepted, self.next_sequence)

@@ -41,6 +41,8 @@ class Reduced:
     nll_sum: float
     correct: int
     num_bytes: int
+    # "server" (reduced here from scores) or "client" (records a client reduced; see records_wire.py).
+    mode: str = "server"
 
 
 # One chunk's reduction: its records, or why it is refused (committed as a rejection).
@@ -90,6 +92,21 @@ class Reduction:
             self._reducers.run(classes, "logits", lambda r: r.reduce(scores, labels, None))  # noqa: B023
             if kernels:
                 log.info("engine warm-up: kernel for %d classes, %s ready", classes, str(dtype)[6:])
+
+    @staticmethod
+    def records(decode: Callable[[], Records]) -> Part:
+        """A RecordsChunk a client reduced: decoded and validated (``records_wire.decode_records``)."""
+        try:
+            records = decode()
+        except ChunkError as exc:
+            return exc
+        if len(records) == 0:
+            return Reduced(None, 0, 0.0, 0, 0, "client")
+        # The column bytes received (reading the message's bytes field again would copy it).
+        reduced = _packed(records, int(len(records) * records.nbytes_per_sample()))
+        return Reduced(
+            reduced.records, reduced.samples, reduced.nll_sum, reduced.correct, reduced.num_bytes, "client"
+        )
 
     def chunk(self, num_classes: int, score_kind: str, chunk: DecodedChunk) -> Part:
         """One chunk on its own (empty, or larger than a block), from zero-copy views of the message."""

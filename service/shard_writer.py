@@ -31,7 +31,7 @@ from typing import Any
 
 from evalstream.service.commit import ChunkOutcome, Committer, Pending
 from evalstream.service.decode import DecodedChunk
-from evalstream.service.engine import ChunkError
+from evalstream.service.engine import ChunkError, Records
 from evalstream.service.errors import FailedPrecondition
 from evalstream.service.leases import Lease
 from evalstream.service.reduction import Part, Reduction
@@ -128,6 +128,24 @@ class ShardWriter:
             self.flush()
         return outcome
 
+    def submit_records(self, sequence: int, decode: Callable[[], Records]) -> asyncio.Future[ChunkOutcome]:
+        """Take one RecordsChunk (records a client reduced): the sequence rules of ``submit``; the
+        records are validated on a worker thread and committed in order like any chunk."""
+        lease = self._lease
+        if lease.closed:
+            raise FailedPrecondition(f"rank {lease.rank} of {lease.key.name} is closed; open a new stream")
+        if sequence > lease.accepted:
+            raise FailedPrecondition(
+                f"sequence gap on rank {lease.rank} of {lease.key.name}: "
+                f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
+            )
+        self.flush()
+        if sequence < lease.accepted:
+            return self._enqueue([sequence], [0], None)[0]
+        lease.accepted += 1
+        parts = asyncio.ensure_future(self._reduce_records(decode))
+        return self._enqueue([sequence], [0], parts)[0]
+
     def flush(self) -> None:
         """Queue the open block (its reduction starts now), if there is one."""
         block = self._block
@@ -187,6 +205,9 @@ class ShardWriter:
     async def _reduce_chunk(self, chunk: DecodedChunk) -> list[Part]:
         lease, reduction = self._lease, self._shared.reduction
         return [await self._shared.in_worker(reduction.chunk, lease.num_classes, lease.score_kind, chunk)]
+
+    async def _reduce_records(self, decode: Callable[[], Records]) -> list[Part]:
+        return [await self._shared.in_worker(self._shared.reduction.records, decode)]
 
     async def _reduce_block(self, block: StagingBlock) -> list[Part]:
         lease, reduction = self._lease, self._shared.reduction

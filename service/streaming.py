@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from evalstream import wire
+from evalstream.service import records_wire
 from evalstream.service.decode import decode_raw
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
 from evalstream.service.ingest import ChunkOutcome, Coordinator, Lease, evaluation_key
@@ -80,6 +81,10 @@ class StreamHandler:
         self.coordinator = coordinator
         self.max_rows = coordinator.settings.max_chunk_rows
         self.telemetry = coordinator.telemetry
+        config, max_message = coordinator.engine_config, coordinator.settings.max_message_bytes
+        self.records_layout = records_wire.layout_for(config.inverse_temperatures, config.max_rank)
+        self.records_max_rows = self.records_layout.max_rows(max_message)
+        self.records_layout_pb = self.records_layout.to_pb(max_message)
 
     async def serve(
         self, requests: AsyncIterator[StreamRequest], peer: str, metadata: Any
@@ -144,7 +149,11 @@ class StreamHandler:
                             " server"
                         )
                     raw = wire.raw_chunk(request.chunk) if kind == "chunk" else None
-                if raw is not None:
+                future: asyncio.Future[Any]
+                if kind == "records":
+                    assert not isinstance(request, wire.RawChunk)
+                    future = self._records(request.records, stream)
+                elif raw is not None:
                     if stream.lease is None:
                         raise FailedPrecondition(
                             "the shard is closed; open a new stream"
@@ -153,9 +162,7 @@ class StreamHandler:
                         )
                     lease = stream.lease
                     decode = functools.partial(decode_raw, raw, lease.num_classes, self.max_rows)
-                    future: asyncio.Future[Any] = await self.coordinator.submit_chunk(
-                        lease, raw.sequence, decode
-                    )
+                    future = await self.coordinator.submit_chunk(lease, raw.sequence, decode)
                 else:
                     assert not isinstance(request, wire.RawChunk)
                     future = loop.create_future()
@@ -166,6 +173,23 @@ class StreamHandler:
             failed = loop.create_future()
             failed.set_exception(exc)
             await answers.put(failed)
+
+    def _records(self, msg: service_pb2.RecordsChunk, stream: _Stream) -> asyncio.Future[Any]:
+        """A RecordsChunk: only on a shard opened with REDUCE_MODE_CLIENT (it got the layout)."""
+        lease = stream.lease
+        if lease is None:
+            raise FailedPrecondition(
+                "the shard is closed; open a new stream" if stream.opened else "send OpenShard first"
+            )
+        if lease.reduce != "client":
+            raise FailedPrecondition(
+                "this shard opened with the server reducing; send Chunk messages, or open the shard with "
+                "reduce=REDUCE_MODE_CLIENT to send RecordsChunk"
+            )
+        decode = functools.partial(
+            records_wire.decode_records, msg, self.records_layout, lease.num_classes, self.records_max_rows
+        )
+        return self.coordinator.submit_records(lease, msg.sequence, decode)
 
     async def _control(
         self, request: service_pb2.StreamEvaluationRequest, kind: str | None, peer: str, stream: _Stream
@@ -218,16 +242,38 @@ class StreamHandler:
             dataset_size=msg.dataset_size,
             pin=msg.pin,
         )
+        client_reduces = self._client_reduces(msg)
         opened = await self.coordinator.open(request, peer)
         stream.lease = opened.lease
-        return Response(
-            opened=service_pb2.ShardOpened(
-                evaluation_id=opened.evaluation.evaluation_id,
-                next_sequence=opened.shard.next_sequence,
-                samples_committed=opened.shard.samples,
-                already_closed=opened.already_closed,
-            )
+        reply = service_pb2.ShardOpened(
+            evaluation_id=opened.evaluation.evaluation_id,
+            next_sequence=opened.shard.next_sequence,
+            samples_committed=opened.shard.samples,
+            already_closed=opened.already_closed,
         )
+        if client_reduces:
+            reply.records_layout.CopyFrom(self.records_layout_pb)
+            if opened.lease is not None:
+                opened.lease.reduce = "client"
+        return Response(opened=reply)
+
+    def _client_reduces(self, msg: service_pb2.OpenShard) -> bool:
+        """Whether the client reduces; FAILED_PRECONDITION (before anything is sent) when its engine's
+        records layout is not this server's."""
+        if msg.reduce not in service_pb2.ReduceMode.values():
+            raise InvalidArgument(
+                f"unknown reduce mode {msg.reduce}; use REDUCE_MODE_SERVER or REDUCE_MODE_CLIENT"
+            )
+        if msg.reduce != service_pb2.REDUCE_MODE_CLIENT:
+            return False
+        ours = self.records_layout.version
+        if msg.records_layout_version != ours:
+            raise FailedPrecondition(
+                f"the client's engine produces records layout version {msg.records_layout_version}, this "
+                f"server reads layout version {ours}; use a client of the server's release, or reduce on "
+                "the server (reduce='server')"
+            )
+        return True
 
 
 def _ack(outcome: ChunkOutcome) -> Response:

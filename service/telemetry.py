@@ -34,12 +34,21 @@ REJECTION_REASONS = (
     "label_out_of_range",
     "log_probabilities_invalid",
     "non_finite",
+    "pred_out_of_range",
+    "rank_inconsistent",
+    "rank_out_of_range",
+    "record_out_of_bounds",
+    "records_layout_version",
     "sample_id_dtype",
     "sample_id_negative",
     "sample_ids_length",
     "score_dtype",
     "shape_mismatch",
+    "ties_out_of_range",
 )
+
+# Where a shard's scores are reduced (OpenShard.reduce); the byte counter is split by it.
+REDUCE_MODES = ("server", "client")
 
 
 class Telemetry:
@@ -53,6 +62,15 @@ class Telemetry:
         self.bytes = Counter(
             "evalstream_ingest_bytes", "Score tensor bytes received in committed chunks", registry=r
         )
+        self.mode_bytes = Counter(
+            "evalstream_ingest_mode_bytes",
+            "Payload bytes received in committed chunks, by reduction mode "
+            "(server: score tensors; client: record columns)",
+            ["mode"],
+            registry=r,
+        )
+        for mode in REDUCE_MODES:
+            self.mode_bytes.labels(mode=mode)
         self.duplicate_chunks = Counter(
             "evalstream_ingest_duplicate_chunks",
             "Re-sent chunks acknowledged without counting them again",
@@ -86,6 +104,12 @@ class Telemetry:
         self.rpc_errors = Counter(
             "evalstream_rpc_errors", "RPCs that ended with an error status", ["method", "code"], registry=r
         )
+
+    def count_bytes(self, mode: str, num_bytes: int) -> None:
+        """A committed chunk's payload: score bytes in the legacy counter, every mode's in its own."""
+        if mode == "server":
+            self.bytes.inc(num_bytes)
+        self.mode_bytes.labels(mode=mode).inc(num_bytes)
 
 
 class MetricsEndpoint:

@@ -88,3 +88,5 @@ def test_loss_and_accuracy_rank_the_demo_models_differently(server: BackgroundSe
     text = render_demo(result, render_comparison(result.comparison, result.evaluations))
     assert "smooth" in text and "streamed 12,000 samples" in text
     assert f"Recommendation: {rec.text[:60]}" in text
+    # The default shows both reduction modes, merged in each evaluation.
+    assert "rank 0: records reduced on the client; rank 1: logits reduced on the server" in text

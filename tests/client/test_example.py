@@ -24,6 +24,11 @@ def test_ddp_example_streams_from_two_ranks_and_rank0_prints_the_merged_result()
     sent = re.findall(r"rank (\d): step 1 sent (\d+) samples", done.stdout)
     assert sorted(r for r, _ in sent) == ["0", "1"]
     assert sum(int(n) for _, n in sent) == 1000
+    # By default rank 0 reduces on its own device and rank 1 sends logits: one merged evaluation.
+    assert sorted(re.findall(r"sent \d+ samples in \d+ chunks \(reduce=(\w+)\)", done.stdout)) == [
+        "client",
+        "server",
+    ]
     result = re.search(r"step 1: nll (\S+)\s+top-1 (\S+)", done.stdout)
     assert result is not None, done.stdout
     assert 0.0 < float(result.group(1)) < 5.0 and 0.0 < float(result.group(2)) <= 1.0

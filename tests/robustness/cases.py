@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from evalstream.service.engine import Records
+from evalstream.service.records_wire import LAYOUT_VERSION, Layout, encode_request
 from evalstream.v1 import service_pb2, tensor_pb2
 from evalstream.wire import encode_tensor
 from tests.robustness.conftest import MAX_CHUNK_ROWS, MAX_MESSAGE_BYTES, NUM_CLASSES
@@ -144,6 +146,122 @@ CHUNK_CASES = [
 ]
 
 
+def records_open(model: str, num_classes: int, version: int = LAYOUT_VERSION) -> Request:
+    """An open asking to reduce on the client, with the records layout version its engine makes."""
+    r = open_request(model, num_classes)
+    r.open.reduce = service_pb2.REDUCE_MODE_CLIENT
+    r.open.records_layout_version = version
+    return r
+
+
+def records_request(seq: int, records: Records, layout: Layout) -> Request:
+    return Request.FromString(encode_request(records, layout, 0, len(records), seq))
+
+
+# Which record of a spoiled message is bad: the refusal must name it.
+BAD_ROW = 3
+RecordsBuild = Callable[[int, Records, Layout], Request]
+
+
+def _spoil(column: str, value: object, row: int = BAD_ROW, extra: dict | None = None) -> RecordsBuild:
+    """Good records with ``column[row]`` set to ``value`` (a whole row for a per-temperature column)."""
+
+    def build(seq: int, rec: Records, layout: Layout) -> Request:
+        bad = rec.take(np.arange(len(rec)))
+        for name, v in {column: value, **(extra or {})}.items():
+            getattr(bad, name)[row] = v
+        return records_request(seq, bad, layout)
+
+    return build
+
+
+def _raw_records(**changes: object) -> RecordsBuild:
+    def build(seq: int, rec: Records, layout: Layout) -> Request:
+        r = records_request(seq, rec, layout)
+        for k, v in changes.items():
+            value = v(r.records) if callable(v) else v
+            setattr(r.records, k, value)
+        return r
+
+    return build
+
+
+@dataclass(frozen=True)
+class RecordsCase:
+    """A RecordsChunk the server refuses in-band; ``row`` is the record the message must name."""
+
+    name: str
+    build: RecordsBuild
+    reason: str
+    code: str = "INVALID_ARGUMENT"
+    row: int | None = BAD_ROW
+
+
+RECORDS_CASES = [
+    RecordsCase(
+        "layout version",
+        _raw_records(layout_version=lambda m: m.layout_version + 1),
+        "records_layout_version",
+        row=None,
+    ),
+    RecordsCase(
+        "bytes one short", _raw_records(columns=lambda m: m.columns[:-1]), "byte_length_mismatch", row=None
+    ),
+    RecordsCase(
+        "bytes one over", _raw_records(columns=lambda m: m.columns + b"\0"), "byte_length_mismatch", row=None
+    ),
+    RecordsCase("rows miscounted", _raw_records(rows=lambda m: m.rows + 1), "byte_length_mismatch", row=None),
+    RecordsCase(
+        "too many rows",
+        _raw_records(rows=1 << 40),
+        "chunk_too_large",
+        "RESOURCE_EXHAUSTED",
+        row=None,
+    ),
+    RecordsCase("label = num_classes", _spoil("label", NUM_CLASSES), "label_out_of_range"),
+    RecordsCase("negative label", _spoil("label", -1), "label_out_of_range"),
+    RecordsCase("pred = num_classes", _spoil("pred", NUM_CLASSES, extra={"rank": 1}), "pred_out_of_range"),
+    RecordsCase("negative pred", _spoil("pred", -7, extra={"rank": 1}), "pred_out_of_range"),
+    RecordsCase(
+        "rank 0 but pred != label",
+        _spoil("rank", 0, extra={"label": 1, "pred": 2}),
+        "rank_inconsistent",
+    ),
+    RecordsCase(
+        "rank > 0 but pred == label",
+        _spoil("rank", 2, extra={"label": 1, "pred": 1}),
+        "rank_inconsistent",
+    ),
+    RecordsCase("rank = num_classes", _spoil("rank", NUM_CLASSES), "rank_out_of_range"),
+    RecordsCase(
+        "label ties the maximum but pred is above it",
+        _spoil("rank", 0, extra={"ties": 1, "label": 1, "pred": 2}),
+        "rank_inconsistent",
+    ),
+    RecordsCase("ties beyond the other classes", _spoil("ties", NUM_CLASSES), "ties_out_of_range"),
+    RecordsCase(
+        "rank and ties beyond the other classes",
+        _spoil("rank", NUM_CLASSES - 2, extra={"ties": 2, "label": 1, "pred": 2}),
+        "ties_out_of_range",
+    ),
+    RecordsCase("NaN nll", _spoil("nll", float("nan")), "non_finite"),
+    RecordsCase("Inf temperature nll", _spoil("nll_t", float("inf")), "non_finite"),
+    RecordsCase("NaN confidence", _spoil("confidence", float("nan")), "non_finite"),
+    RecordsCase("negative nll", _spoil("nll", -0.5), "record_out_of_bounds"),
+    RecordsCase("negative temperature nll", _spoil("nll_t", -1.0), "record_out_of_bounds"),
+    RecordsCase("brier above 2", _spoil("brier", 2.5), "record_out_of_bounds"),
+    RecordsCase("negative brier", _spoil("brier", -0.1), "record_out_of_bounds"),
+    RecordsCase(
+        "entropy above log C", _spoil("entropy", float(np.log(NUM_CLASSES)) + 0.01), "record_out_of_bounds"
+    ),
+    RecordsCase("negative entropy", _spoil("entropy", -0.01), "record_out_of_bounds"),
+    RecordsCase("confidence below 1/C", _spoil("confidence", 0.5 / NUM_CLASSES), "record_out_of_bounds"),
+    RecordsCase("confidence above 1", _spoil("confidence", 1.01), "record_out_of_bounds"),
+    RecordsCase("sample id below -1", _spoil("sample_id", -5), "sample_id_negative"),
+    RecordsCase("one record without its id", _spoil("sample_id", -1), "sample_id_negative"),
+]
+
+
 @dataclass(frozen=True)
 class StreamCase:
     """A request (after a good open and one good chunk, unless ``opened`` is False) that ends the stream."""
@@ -226,6 +344,19 @@ STREAM_CASES = [
         opened=False,
     ),
     StreamCase("chunk after close", _chunk, grpc.StatusCode.FAILED_PRECONDITION, "closed", closed_first=True),
+    StreamCase(
+        "records on a shard the server reduces",
+        lambda q, b: Request(records=service_pb2.RecordsChunk(sequence=q, layout_version=LAYOUT_VERSION)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "REDUCE_MODE_CLIENT",
+    ),
+    StreamCase(
+        "records without open",
+        lambda q, b: Request(records=service_pb2.RecordsChunk(sequence=0, layout_version=LAYOUT_VERSION)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "OpenShard first",
+        opened=False,
+    ),
 ]
 
 
@@ -317,6 +448,13 @@ OPEN_CASES = [
     ),
     OpenCase("non-UTF-8 run", _non_utf8, grpc.StatusCode.INVALID_ARGUMENT, "UTF-8"),
     OpenCase(
+        "records layout version of another release",
+        lambda m: _open(m, reduce=service_pb2.REDUCE_MODE_CLIENT, records_layout_version=LAYOUT_VERSION + 1),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"layout version {LAYOUT_VERSION + 1}, this server reads layout version {LAYOUT_VERSION}",
+    ),
+    OpenCase("unknown reduce mode", lambda m: _open(m, reduce=9), grpc.StatusCode.INVALID_ARGUMENT, "reduce"),
+    OpenCase(
         "unknown field in OpenShard",
         lambda m: _wrap(1, _open(m).open.SerializeToString() + UNKNOWN_FIELD),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -335,4 +473,4 @@ OPEN_CASES = [
     ],
 ]
 
-__all__ = ["CHUNK_CASES", "OPEN_CASES", "STREAM_CASES", "service_pb2"]
+__all__ = ["CHUNK_CASES", "OPEN_CASES", "RECORDS_CASES", "STREAM_CASES", "service_pb2"]

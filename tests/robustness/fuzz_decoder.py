@@ -5,7 +5,8 @@ a plain chunk is read without protobuf (``wire.parse_chunk_request``), and then 
 exactly what protobuf reads from the same bytes (same fields, no unknown ones), or the input is a
 crash. Anything else is parsed by protobuf, checked for unknown fields as the servicer does, and
 then, by kind: an open's key goes through the name and step validation; a chunk (either way)
-through ``decode.decode_raw`` and the engine's ``ChunkReducer``.
+through ``decode.decode_raw`` and the engine's ``ChunkReducer``; a records chunk through
+``records_wire.decode_records`` (every value check of client-reduced records).
 The only acceptable failures are the refusals the service turns into statuses
 (``DecodeError``, ``ChunkError``, ``ServiceError``); anything else is a crash.
 
@@ -21,7 +22,12 @@ import sys
 import atheris
 
 with atheris.instrument_imports(
-    include=["evalstream.wire", "evalstream.service.decode", "evalstream.service.engine.validate"]
+    include=[
+        "evalstream.wire",
+        "evalstream.service.decode",
+        "evalstream.service.engine.validate",
+        "evalstream.service.records_wire",
+    ]
 ):
     from google.protobuf.message import DecodeError
 
@@ -30,6 +36,7 @@ with atheris.instrument_imports(
     from evalstream.service.engine.reducer import ChunkReducer
     from evalstream.service.errors import ServiceError
     from evalstream.service.ingest import evaluation_key
+    from evalstream.service.records_wire import decode_records, layout_for
     from evalstream.service.settings import Settings
     from evalstream.service.streaming import unknown_fields
     from evalstream.v1 import service_pb2
@@ -39,9 +46,9 @@ NUM_CLASSES = 4
 MAX_ROWS = 64
 # The suite's engine backend (eager unless EVALSTREAM_ENGINE_BACKEND names another), as the servers use.
 BACKEND = os.environ.get("EVALSTREAM_ENGINE_BACKEND", "eager")
-REDUCER = ChunkReducer(
-    NUM_CLASSES, Settings.load(env={}, device="cpu", engine_backend=BACKEND).engine_config()
-)
+CONFIG = Settings.load(env={}, device="cpu", engine_backend=BACKEND).engine_config()
+REDUCER = ChunkReducer(NUM_CLASSES, CONFIG)
+LAYOUT = layout_for(CONFIG.inverse_temperatures, CONFIG.max_rank)
 
 
 def _same_as_protobuf(data: bytes, parsed: RawChunk) -> None:
@@ -78,6 +85,8 @@ def one_input(data: bytes) -> None:
         elif kind == "chunk":
             chunk = decode_chunk(request.chunk, NUM_CLASSES, MAX_ROWS)
             REDUCER.reduce(chunk.scores, chunk.labels, chunk.sample_ids)
+        elif kind == "records":
+            decode_records(request.records, LAYOUT, NUM_CLASSES, MAX_ROWS)
     except (ChunkError, ServiceError):
         return
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evalstream.service.engine import DEFAULT_INVERSE_TEMPERATURES, EngineConfig
+from evalstream.service.engine.reducer import ChunkReducer
+from evalstream.service.records_wire import encode_request, layout_for
 from evalstream.v1 import evaluation_pb2, service_pb2
 from evalstream.wire import encode_tensor
 
@@ -34,6 +37,10 @@ def _seeds() -> list[bytes]:
         scores=encode_tensor(scores.astype(np.float16)),
         labels=encode_tensor(labels.astype(np.int32)),
     )
+    records = ChunkReducer(4, EngineConfig(device="cpu", backend="eager")).reduce(
+        scores, labels, np.array([7, 8, 9], np.int64)
+    )
+    layout = layout_for(DEFAULT_INVERSE_TEMPERATURES, EngineConfig().max_rank)
     key = evaluation_pb2.EvaluationKey(run="run-1", model="m", split="validation", step=3)
     R = service_pb2.StreamEvaluationRequest
     return [
@@ -41,6 +48,7 @@ def _seeds() -> list[bytes]:
         R(chunk=chunk).SerializeToString(),
         R(chunk=with_ids).SerializeToString(),
         R(chunk=half).SerializeToString(),
+        encode_request(records, layout, 0, 3, 4),
         R(close=service_pb2.CloseShard(num_chunks=3)).SerializeToString(),
     ]
 

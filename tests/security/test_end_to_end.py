@@ -201,7 +201,18 @@ def test_metrics_over_mutual_tls_show_no_request_contents(populated: Deployment)
                 refusals = sample.value
     assert refusals >= 1
     # Only aggregate labels: the evaluation's run/model/split, and fixed vocabularies.
-    assert set(labels) <= {"run", "model", "split", "reason", "method", "code", "le", "bin", "quantile"}
+    assert set(labels) <= {
+        "run",
+        "model",
+        "split",
+        "reason",
+        "method",
+        "code",
+        "le",
+        "bin",
+        "quantile",
+        "mode",
+    }
     assert labels["run"] == {RUN} and labels["model"] == {"model-a", "model-b"} and labels["split"] == {"val"}
     assert labels["method"] <= set({m.rsplit("/", 1)[-1] for m in auth.READ_ONLY_METHODS} | WRITE_METHODS)
     assert labels["code"] <= {code.name for code in grpc.StatusCode}
