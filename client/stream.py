@@ -164,6 +164,8 @@ class EvaluationStream:
         self._cur: HostBatch | EncodedBatch | RecordsBatch | None = None
         self._cur_row = 0  # the next row of a HostBatch, the next chunk of an EncodedBatch
         self._next_seq = 0
+        # Batches the client's own engine refused (records mode): rejected without a sequence number.
+        self._refused_locally = 0
         # Sequence numbers taken by queued batches (add() encodes host batches with theirs).
         self._reserved_seq = 0
         # Serialized chunk requests sent and not yet acknowledged, kept for replay.
@@ -372,7 +374,7 @@ class EvaluationStream:
         with self._cv:
             rejections = list(self.rejections)
             self._unreported = []
-            sent = self._next_seq
+            sent = self._next_seq + self._refused_locally
         if rejections and error.code == grpc.StatusCode.FAILED_PRECONDITION:
             raise ChunkRejectedError(rejections, chunks_sent=sent, failure=error) from error
         raise error
@@ -649,6 +651,7 @@ class EvaluationStream:
             with self._cv:
                 self.rejections.append(rejection)
                 self._unreported.append(rejection)
+                self._refused_locally += 1
                 self._cur = None
                 self._queued_bytes -= batch.nbytes
                 batch.release()

@@ -257,26 +257,35 @@ def test_rejection_arriving_before_close_is_raised_by_close_with_the_summary(cli
     )
 
 
+@pytest.mark.parametrize("reduce", ["server", "client"])
 @pytest.mark.parametrize("on_rejection", ["raise", "collect"])
 def test_close_after_every_chunk_was_rejected_leads_with_the_first_rejection(
-    client: EvalClient, on_rejection: str
+    client: EvalClient, on_rejection: str, reduce: str
 ) -> None:
-    """Nothing committed, so the server refuses to finalize; the error still names the bad label."""
+    """Nothing committed, so the server refuses to finalize; the error still names the bad label.
+
+    With ``reduce="client"`` the client's engine refuses the batches before sending (no sequence
+    number is consumed); they still count among the rejected chunks.
+    """
     scores, labels, _ = make_batches(1, 8)[0]
     labels[4] = 99
-    model = f"all-rejected-{on_rejection}"
-    ev = client.evaluation(run="r", model=model, num_classes=NUM_CLASSES, on_rejection=on_rejection)  # type: ignore[arg-type]
-    ev.add(scores, labels)
-    ev.add(scores[:2], np.array([0, -3]))
+    model = f"all-rejected-{on_rejection}-{reduce}"
+    ev = client.evaluation(
+        run="r",
+        model=model,
+        num_classes=NUM_CLASSES,
+        on_rejection=on_rejection,  # type: ignore[arg-type]
+        reduce=reduce,  # type: ignore[arg-type]
+    )
+    ev.add(scores, labels)  # one add: a second one could already raise the first rejection
     with pytest.raises(ChunkRejectedError) as raised:
         ev.close(timeout=30)
     message = str(raised.value)
-    assert message.startswith(
-        f"chunk 0 rejected: INVALID_ARGUMENT label_out_of_range: labels[4] = 99 is outside [0, {NUM_CLASSES})"
-    ), message
-    assert "(2 of 2 chunks rejected)" in message and "nothing to finalize" in message, message
+    assert message.startswith("chunk 0 rejected: INVALID_ARGUMENT label_out_of_range: "), message
+    assert message.index(f"labels[4] = 99 is outside [0, {NUM_CLASSES})") < message.index("close failed")
+    assert "(1 of 1 chunks rejected)" in message and "nothing to finalize" in message, message
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert [r.reason for r in raised.value.rejections] == ["label_out_of_range", "label_out_of_range"]
+    assert [r.reason for r in raised.value.rejections] == ["label_out_of_range"]
     # The server's side is what it was: the shard closed, the evaluation open with nothing committed.
     evaluation = client.get("r", model)
     assert evaluation.state != FINALIZED and evaluation.ranks_closed == 1
