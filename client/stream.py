@@ -14,6 +14,7 @@ bounds keep memory flat: bytes queued for encoding (``add`` blocks beyond
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -221,11 +222,13 @@ class EvaluationStream:
         if self._close_requested or self._aborted:
             raise EvalStreamError("add() after close() or abort()")
         if self._opt.reduce == "client":
-            self._enqueue(self._records_batch(scores, labels, sample_ids), 0)
+            with self._naming_the_stream():
+                records = self._records_batch(scores, labels, sample_ids)
+            self._enqueue(records, 0)
             return
         # Host data is encoded right here (no separate host copy; see EncodedBatch); device data gets
         # its asynchronous copy and is encoded by the sender once the copy is done.
-        try:
+        with self._naming_the_stream():
             host = to_host_batch(
                 scores,
                 labels,
@@ -235,10 +238,6 @@ class EvaluationStream:
                 pool=self._pool,
                 host_pool=self._host_pool,
             )
-        except (TypeError, ValueError) as exc:
-            # Which rank and evaluation refused it: a job streams several at once from many ranks.
-            cls = TypeError if isinstance(exc, TypeError) else ValueError
-            raise cls(f"add() to {self._where()}: {exc}") from (None if type(exc) is cls else exc)
         if host.rows == 0:
             host.release()
             return
@@ -248,6 +247,16 @@ class EvaluationStream:
         if host.event is None:
             batch = self._encode(host, step, self._reserved_seq)
         self._enqueue(batch, chunks)
+
+    @contextlib.contextmanager
+    def _naming_the_stream(self) -> Iterator[None]:
+        """Validation errors of ``add()`` say which rank and evaluation refused the batch: a job
+        streams several evaluations at once from many ranks."""
+        try:
+            yield
+        except (TypeError, ValueError) as exc:
+            cls = TypeError if isinstance(exc, TypeError) else ValueError
+            raise cls(f"add() to {self._where()}: {exc}") from (None if type(exc) is cls else exc)
 
     def _records_batch(self, scores: Any, labels: Any, sample_ids: Any) -> RecordsBatch:
         """Client mode: keep the batch for the sender's engine (a pooled host copy, or a CUDA tensor

@@ -340,11 +340,20 @@ def test_exception_in_the_block_aborts_without_closing_the_shard(client: EvalCli
     assert again.result(timeout=30).result.num_samples == 30
 
 
-def test_bad_shapes_and_dtypes_fail_in_add_before_anything_is_sent(client: EvalClient) -> None:
+@pytest.mark.parametrize("reduce", ["server", "client"])
+def test_bad_shapes_and_dtypes_fail_in_add_before_anything_is_sent(client: EvalClient, reduce: str) -> None:
     scores, labels, _ = make_batches(1, 10)[0]
-    where = r"^add\(\) to rank 1 of r/shapes step 3: argument "
+    model = f"shapes-{reduce}"
+    where = rf"^add\(\) to rank 1 of r/{model} step 3: argument "
     with client.evaluation(
-        run="r", model="shapes", step=3, rank=1, world_size=2, num_classes=NUM_CLASSES, on_rejection="collect"
+        run="r",
+        model=model,
+        step=3,
+        rank=1,
+        world_size=2,
+        num_classes=NUM_CLASSES,
+        on_rejection="collect",
+        reduce=reduce,  # type: ignore[arg-type]
     ) as ev:
         with pytest.raises(ValueError, match=where + rf"scores must have shape \[n, {NUM_CLASSES}\]"):
             ev.add(scores[:, :-1], labels)
