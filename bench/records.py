@@ -51,7 +51,7 @@ def _ingest_worker(
     import numpy as np
     import torch
 
-    from evalstream.client.stream import raw_stream_call
+    from evalstream.client.sender import raw_stream_call
     from evalstream.service.engine import EngineConfig
     from evalstream.service.engine.reducer import ChunkReducer
     from evalstream.service.records_wire import (
