@@ -46,6 +46,7 @@ from evalstream.service.store.base import (
     StorePolicy,
 )
 from evalstream.service.store.errors import NotWritable, SequenceConflict, ShardMismatch
+from evalstream.service.store.postgres_claims import Claims
 from evalstream.service.store.postgres_reads import NOW, PostgresReads, Row, eval_in, make_pool, shard_in
 from evalstream.service.store.postgres_schema import LATEST, migrate
 
@@ -55,6 +56,11 @@ PIECE_BYTES = 16 << 20
 # Finalizations are announced on this channel; the payload is the evaluation id.
 CHANNEL = "evalstream_finalized"
 DEFAULT_POOL_SIZE = 20
+# How long a finalizer's claim lives without renewal: the delay before another replica takes over the
+# finalize of a replica that died or stalled. Renewed every third of it while the finalizer works.
+DEFAULT_CLAIM_S = 30.0
+# Completed evaluations one sweep claims at most.
+SWEEP_LIMIT = 16
 
 
 class PostgresStore(PostgresReads, Store):
@@ -66,12 +72,15 @@ class PostgresStore(PostgresReads, Store):
         policy: StorePolicy | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         schema_version: int = LATEST,
+        claim_s: float = DEFAULT_CLAIM_S,
     ) -> None:
         self.url = url
         self.policy = policy or StorePolicy()
         with psycopg.connect(url, autocommit=True) as conn:
             migrate(conn, schema_version)
         super().__init__(make_pool(url, pool_size))
+        self.claims = Claims(claim_s)
+        self.claims.start(lambda: self._run(self.claims.renew_in))
 
     # -- writes -------------------------------------------------------------------------------------
 
@@ -203,7 +212,7 @@ class PostgresStore(PostgresReads, Store):
         return self._run(op)
 
     def close_shard(self, evaluation_id: str, rank: int) -> EvaluationRow:
-        def op(conn: psycopg.Connection[Row]) -> EvaluationRow:
+        def op(conn: psycopg.Connection[Row]) -> tuple[EvaluationRow, int | None]:
             eval_in(conn, evaluation_id, "FOR UPDATE OF e")
             shard_in(conn, evaluation_id, rank)
             flipped = conn.execute(
@@ -211,16 +220,34 @@ class PostgresStore(PostgresReads, Store):
                 "WHERE evaluation_id = %s AND rank = %s AND NOT closed RETURNING rank",
                 (evaluation_id, rank),
             ).fetchone()
+            epoch = None
             if flipped is not None:  # a retried close counts once
                 conn.execute("UPDATE evaluations SET closed = closed + 1 WHERE id = %s", (evaluation_id,))
-            return eval_in(conn, evaluation_id)
+                # The close that completes the evaluation claims its finalize, in the same transaction.
+                epoch = self.claims.claim_in(conn, evaluation_id)
+            return eval_in(conn, evaluation_id), epoch
 
-        return self._run(op)
+        row, epoch = self._run(op)
+        if epoch is not None:
+            self.claims.hold({evaluation_id: epoch})
+        return row
+
+    def claim_pending(self) -> list[str]:
+        """Claim completed evaluations whose finalizer's claim expired (or that none holds); their ids.
+
+        Every replica calls this periodically (``service/sweeper.py``); what it returns, it finalizes.
+        """
+        claimed = self._run(lambda conn: self.claims.claim_pending_in(conn, SWEEP_LIMIT))
+        self.claims.hold(claimed)
+        return list(claimed)
 
     def finalize(self, evaluation_id: str, result: bytes, records: bytes, num_samples: int) -> EvaluationRow:
-        return self.finalize_claimed(evaluation_id, None, result, records, num_samples) or self._get(
-            evaluation_id
-        )
+        """Finalize under this replica's claim if it holds one (a late finalizer whose claim another
+        replica took over commits nothing), else as long as the evaluation is open (an explicit
+        FinalizeEvaluation). Either way the answer is the row as stored."""
+        epoch = self.claims.take(evaluation_id)
+        row = self.finalize_claimed(evaluation_id, epoch, result, records, num_samples)
+        return row or self._get(evaluation_id)
 
     def finalize_claimed(
         self, evaluation_id: str, epoch: int | None, result: bytes, records: bytes, num_samples: int
@@ -297,6 +324,7 @@ class PostgresStore(PostgresReads, Store):
         return ids
 
     def close(self) -> None:
+        self.claims.stop()
         self._pool.close()
 
 

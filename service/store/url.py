@@ -11,8 +11,12 @@ first write.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from evalstream.service.store.base import Store, StorePolicy
+from evalstream.service.store.base import Store
+
+if TYPE_CHECKING:  # settings imports this module to check the URL
+    from evalstream.service.settings import Settings
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
@@ -51,12 +55,15 @@ def redacted(url: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-def open_store(url: str, data_dir: str, synchronous: str, policy: StorePolicy) -> Store:
-    """Open (and migrate) the store the URL names."""
+def open_store(settings: Settings) -> Store:
+    """Open (and migrate) the store ``settings.store_url`` names."""
+    url = settings.store_url
     if store_kind(url) == POSTGRESQL:
         from evalstream.service.store.postgres import PostgresStore  # psycopg only when used
 
-        return PostgresStore(url, policy=policy)
+        return PostgresStore(url, policy=settings.store_policy(), claim_s=settings.finalize_claim_s)
     from evalstream.service.store.sqlite import SqliteStore
 
-    return SqliteStore(sqlite_dir(url, data_dir), synchronous, policy=policy)
+    return SqliteStore(
+        sqlite_dir(url, settings.data_dir), settings.store_synchronous, policy=settings.store_policy()
+    )
