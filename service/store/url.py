@@ -11,12 +11,8 @@ first write.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from evalstream.service.store.base import Store
-
-if TYPE_CHECKING:  # settings imports this module to check the URL
-    from evalstream.service.settings import Settings
+from evalstream.service.store.base import Store, StorePolicy
 
 SQLITE = "sqlite"
 POSTGRESQL = "postgresql"
@@ -37,12 +33,15 @@ def store_kind(url: str) -> str:
 
 
 def sqlite_dir(url: str, data_dir: str) -> Path:
-    """The SQLite store's directory: DIR of ``sqlite:///DIR`` (``sqlite:DIR`` is relative), else data_dir."""
+    """The SQLite store's directory: ``sqlite:///var/lib/x`` is /var/lib/x (an empty host, then the
+    path), ``sqlite:rel/dir`` a relative one; an empty URL is data_dir."""
     if not url:
         return Path(data_dir)
     rest = url.partition(":")[2]
     if rest.startswith("//"):
-        rest = rest[2:]  # sqlite:///abs -> /abs; sqlite://rel -> rel
+        rest = rest[2:]
+    if rest.startswith("//"):
+        rest = "/" + rest.lstrip("/")
     return Path(rest or data_dir)
 
 
@@ -55,15 +54,12 @@ def redacted(url: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-def open_store(settings: Settings) -> Store:
-    """Open (and migrate) the store ``settings.store_url`` names."""
-    url = settings.store_url
+def open_store(url: str, data_dir: str, synchronous: str, policy: StorePolicy, claim_s: float) -> Store:
+    """Open (and migrate) the store ``url`` names (``claim_s``: a PostgreSQL finalizer claim's life)."""
     if store_kind(url) == POSTGRESQL:
         from evalstream.service.store.postgres import PostgresStore  # psycopg only when used
 
-        return PostgresStore(url, policy=settings.store_policy(), claim_s=settings.finalize_claim_s)
+        return PostgresStore(url, policy=policy, claim_s=claim_s)
     from evalstream.service.store.sqlite import SqliteStore
 
-    return SqliteStore(
-        sqlite_dir(url, settings.data_dir), settings.store_synchronous, policy=settings.store_policy()
-    )
+    return SqliteStore(sqlite_dir(url, data_dir), synchronous, policy=policy)
