@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,32 @@ class Finalizations:
 
     def __init__(self, url: str) -> None:
         self.counts: Counter[str] = Counter()
-        self._conn = psycopg.connect(url, autocommit=True)
-        self._conn.execute(f"LISTEN {CHANNEL}")
+        self._url = url
+        self._conn = self._connect()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._thread.start()
 
+    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+        conn = psycopg.connect(self._url, autocommit=True)
+        conn.execute(f"LISTEN {CHANNEL}")
+        return conn
+
     def _listen(self) -> None:
         while not self._stop.is_set():
-            for note in self._conn.notifies(timeout=0.2):
-                with self._lock:
-                    self.counts[note.payload] += 1
+            try:
+                for note in self._conn.notifies(timeout=0.2):
+                    with self._lock:
+                        self.counts[note.payload] += 1
+            except psycopg.OperationalError:  # the database restarted: listen again once it is back
+                self._conn.close()
+                while not self._stop.is_set():
+                    try:
+                        self._conn = self._connect()
+                        break
+                    except psycopg.OperationalError:
+                        time.sleep(0.2)
 
     def snapshot(self) -> Counter[str]:
         with self._lock:

@@ -33,6 +33,7 @@ from tests.faults.workload import (
     stream_rank,
 )
 from tests.replicas.cluster import Cluster, Finalizations
+from tests.support.postgres import PostgresServer
 
 CLASSES = 50
 WORLD = 8
@@ -237,3 +238,37 @@ def test_a_paused_finalizer_that_wakes_late_changes_nothing(
     for run in runs:
         assert run.thread is not None
         run.thread.join(60)
+
+
+def test_every_replica_compares_and_reads_the_same(cluster: Cluster) -> None:
+    cluster.start()
+    for model, seed in (("a", 21), ("b", 22)):
+        ranks = [rank_batches(r, 2, 128, CLASSES, seed=seed) for r in range(3)]
+        join(stream_ranks([cluster.targets[r] for r in range(3)], ranks, model))
+    answers = []
+    for target in cluster.targets:
+        with EvalClient(target, retry=PATIENT) as client:
+            client.wait_for("faults", "a", timeout=60)
+            client.wait_for("faults", "b", timeout=60)
+            compared = client.compare("faults", ["a", "b"], seed=7, bootstrap_replicates=200)
+            got = client.get("faults", "b", include_per_class=True)
+        answers.append(
+            (compared.SerializeToString(deterministic=True), got.SerializeToString(deterministic=True))
+        )
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_a_database_restart_stalls_streams_then_they_resume(
+    cluster: Cluster, postgres_server: PostgresServer
+) -> None:
+    cluster.start()
+    ranks = [rank_batches(r, 30, 64, CLASSES, seed=31) for r in range(3)]
+    runs = stream_ranks(cluster.targets, ranks, "dbrestart", pace_s=0.05, chunk_bytes=1 << 14)
+    time.sleep(1.0)
+    postgres_server.kill()  # every connection of every replica breaks; commits in flight roll back
+    time.sleep(2.0)
+    postgres_server.start()
+    join(runs)
+    want = reference(ranks, CLASSES, Settings.load(cluster.replicas[0].config, env={}).engine_config())
+    for target in cluster.targets:
+        assert_same_result(fetch_result(target, "dbrestart").result, want)

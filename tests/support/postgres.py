@@ -97,7 +97,9 @@ class PostgresServer:
         """Start the server (on a new free port the first time, the same one after a restart)."""
         if self.process is not None:
             raise RuntimeError("PostgreSQL is already running")
-        attempts = 1 if self.port else 5
+        # A fresh start tries new ports; a restart keeps its port and waits out what a killed server
+        # leaves for a moment (its backends exiting, its shared memory detaching).
+        attempts = 20 if self.port else 5
         for attempt in range(attempts):
             port = self.port or free_port()
             with open(self.log, "ab") as log:
@@ -130,6 +132,7 @@ class PostgresServer:
             self._reap()
             if attempt + 1 == attempts:
                 break
+            time.sleep(0.5)
         raise RuntimeError(f"PostgreSQL did not start: {self.log.read_text(errors='replace')[-2000:]}")
 
     def _wait_ready(self, port: int) -> bool:
