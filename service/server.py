@@ -30,11 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from evalstream.service import auth
+from evalstream.service.export_gate import ExportGate, ExportingStore
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.ingest import Coordinator
 from evalstream.service.servicer import EvalStreamServicer, add_to_server
 from evalstream.service.settings import Settings
-from evalstream.service.status import StoreFinalized
+from evalstream.service.status import FinalizedSource, ProgressSource, StoreFinalized
 from evalstream.service.store.url import open_store, redacted
 from evalstream.service.sweeper import ClaimingStore, FinalizeSweeper
 from evalstream.service.telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
@@ -172,10 +173,12 @@ class Server:
         if self.sweeper is not None:
             self.sweeper.start()
         if s.metrics_address:
+            finalized: FinalizedSource = StoreFinalized(self.store)
+            progress: ProgressSource = self.coordinator
+            if isinstance(self.store, ExportingStore):  # replicas: one exports the evaluation gauges
+                finalized = progress = ExportGate(self.store, finalized, progress)
             self.telemetry.registry.register(
-                QualityCollector(
-                    StoreFinalized(self.store), self.coordinator, max_series=s.exporter_max_series
-                )
+                QualityCollector(finalized, progress, max_series=s.exporter_max_series)
             )
             self.metrics = self._serve_metrics()
         log.info(

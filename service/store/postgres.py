@@ -47,6 +47,7 @@ from evalstream.service.store.base import (
 )
 from evalstream.service.store.errors import NotWritable, SequenceConflict, ShardMismatch
 from evalstream.service.store.postgres_claims import Claims
+from evalstream.service.store.postgres_leader import ExporterLease
 from evalstream.service.store.postgres_reads import NOW, PostgresReads, Row, eval_in, make_pool, shard_in
 from evalstream.service.store.postgres_schema import LATEST, migrate
 
@@ -81,6 +82,11 @@ class PostgresStore(PostgresReads, Store):
         super().__init__(make_pool(url, pool_size))
         self.claims = Claims(claim_s)
         self.claims.start(lambda: self._run(self.claims.renew_in))
+        self.exporter = ExporterLease(url)
+
+    def exports_evaluations(self) -> bool:
+        """Whether this replica is the one exporting evaluation gauges (``postgres_leader.py``)."""
+        return self.exporter.held()
 
     # -- writes -------------------------------------------------------------------------------------
 
@@ -325,6 +331,7 @@ class PostgresStore(PostgresReads, Store):
 
     def close(self) -> None:
         self.claims.stop()
+        self.exporter.close()
         self._pool.close()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from evalstream.service.store.postgres import CHANNEL
-from tests.faults.harness import ServerProcess
+from tests.faults.harness import ServerProcess, free_port
 
 FAULT_SERVER = Path(__file__).resolve().parent / "fault_server.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,9 +64,14 @@ class Replica(ServerProcess):
 class Cluster:
     """``n`` replicas on one database; ``start()`` boots them side by side, ``close()`` kills them."""
 
-    def __init__(self, root: Path, store_url: str, n: int = 3, **settings: Any) -> None:
+    def __init__(
+        self, root: Path, store_url: str, n: int = 3, metrics: bool = False, **settings: Any
+    ) -> None:
         values: dict[str, Any] = {"store_url": store_url, "finalize_claim_s": 2.0, **settings}
-        self.replicas = [Replica(root / f"replica-{i}", **values) for i in range(n)]
+        self.metrics = [f"127.0.0.1:{free_port()}" if metrics else "" for _ in range(n)]
+        self.replicas = [
+            Replica(root / f"replica-{i}", **values, metrics_address=self.metrics[i]) for i in range(n)
+        ]
 
     def start(self, skip: tuple[int, ...] = ()) -> None:
         for i, replica in enumerate(self.replicas):
