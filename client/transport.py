@@ -121,14 +121,15 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, in
     - ``"dns:///name:port"``: every address the name resolves to (a Kubernetes headless Service);
       calls are spread round-robin, and the name is resolved again when a connection ends.
     - a list of ``"ip:port"`` (or one string of them, comma-separated): those replicas, round-robin.
+    - any other gRPC target (``"ipv4:a:1,b:2"``, ``"unix:..."``) as gRPC reads it, with its default
+      policy (pick_first: the first address that answers, the next when it fails).
 
     Each stream stays on the replica it opened on; a stream whose replica dies reconnects to
     another, which resumes it from the committed sequence in the shared store.
     """
     if isinstance(target, str):
         if "," not in target or ":///" in target or target.startswith(("ipv4:", "ipv6:")):
-            balanced = target.startswith(("dns:", "ipv4:", "ipv6:"))
-            return target, (ROUND_ROBIN if balanced else [])
+            return target, (ROUND_ROBIN if target.startswith("dns:") else [])
         target = [t.strip() for t in target.split(",") if t.strip()]
     addresses = list(target)
     if not addresses:

@@ -86,7 +86,8 @@ class Cluster:
         return [r.target for r in self.replicas]
 
     def target_from(self, first: int) -> str:
-        """Every replica as one gRPC target, ``first`` first (pick_first goes there, then on)."""
+        """Every replica as one gRPC ``ipv4:`` target, ``first`` first: gRPC's default policy
+        (pick_first) streams to it, and to the next when it dies."""
         order = self.targets[first:] + self.targets[:first]
         return "ipv4:" + ",".join(order)
 

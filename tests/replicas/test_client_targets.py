@@ -25,6 +25,8 @@ def test_target_forms() -> None:
     assert channel_target(["[::1]:1", "[::1]:2"]) == ("ipv6:[::1]:1,[::1]:2", balanced)
     assert channel_target("dns:///evalstream.ml.svc:50051") == ("dns:///evalstream.ml.svc:50051", balanced)
     assert channel_target(["127.0.0.1:1"]) == ("127.0.0.1:1", [])
+    # gRPC's own syntax keeps gRPC's default policy (pick_first).
+    assert channel_target("ipv4:127.0.0.1:1,127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", [])
 
 
 def test_a_list_of_names_is_refused_with_the_remedy() -> None:

@@ -33,6 +33,7 @@ from tests.faults.workload import (
     stream_rank,
 )
 from tests.replicas.cluster import Cluster, Finalizations
+from tests.replicas.test_client_targets import chunks_committed
 from tests.support.postgres import PostgresServer
 
 CLASSES = 50
@@ -153,8 +154,16 @@ def test_two_hundred_evaluations_racing_last_closes_finalize_exactly_200_times(
 
 
 def test_a_replica_killed_mid_stream_loses_and_doubles_nothing(
-    cluster: Cluster, finalizations: Finalizations, postgres_url: str
+    tmp_path: Path, finalizations: Finalizations, postgres_url: str
 ) -> None:
+    cluster = Cluster(tmp_path, postgres_url, metrics=True)
+    try:
+        _kill_mid_stream(cluster, finalizations, postgres_url)
+    finally:
+        cluster.close()
+
+
+def _kill_mid_stream(cluster: Cluster, finalizations: Finalizations, postgres_url: str) -> None:
     cluster.start()
     ranks = [rank_batches(r, 24, 64, CLASSES, seed=3) for r in range(4)]
     # Rank r starts on replica r % 3; its target lists the others after it, where it goes on.
@@ -164,9 +173,17 @@ def test_a_replica_killed_mid_stream_loses_and_doubles_nothing(
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         while time.monotonic() < deadline:  # every rank has committed a few chunks
             committed = conn.execute("SELECT count(*) FROM shards WHERE chunks >= 3").fetchone()
-            if committed is not None and committed[0] == 4:
+            # ...and replica 0 serves at least one of them (a client may connect elsewhere first).
+            if committed is not None and committed[0] == 4 and chunks_committed(cluster.metrics[0]) >= 3:
                 break
             time.sleep(0.05)
+        open_shards = conn.execute("SELECT count(*) FROM shards WHERE NOT closed").fetchone()
+    assert open_shards == (4,), (
+        "the streams ended before the kill",
+        [chunks_committed(m) for m in cluster.metrics],
+        [run.reconnects for run in runs],
+        cluster.replicas[0].log_tail(1500),
+    )
     cluster.replicas[0].kill()
     join(runs)
     assert sum(run.reconnects for run in runs) >= 1
