@@ -289,3 +289,40 @@ def test_a_database_restart_stalls_streams_then_they_resume(
     want = reference(ranks, CLASSES, Settings.load(cluster.replicas[0].config, env={}).engine_config())
     for target in cluster.targets:
         assert_same_result(fetch_result(target, "dbrestart").result, want)
+
+
+def test_one_rank_streamed_to_two_replicas_is_counted_once(
+    cluster: Cluster, finalizations: Finalizations
+) -> None:
+    """A rank's second stream on another replica (a restarted job that reached a different pod):
+    no lease spans replicas, but each sequence commits once, so the same data sent twice is
+    counted once."""
+    cluster.start()
+    ranks = [rank_batches(r, 12, 64, CLASSES, seed=41) for r in range(2)]
+    twice = [RankRun(0), RankRun(0), RankRun(1)]
+    plan = [(cluster.targets[0], ranks[0]), (cluster.targets[1], ranks[0]), (cluster.targets[2], ranks[1])]
+    for run, (target, batches) in zip(twice, plan, strict=True):
+        run.thread = threading.Thread(
+            target=stream_rank,
+            args=(target, run),
+            kwargs={
+                "model": "twice",
+                "world_size": 2,
+                "batches": batches,
+                "num_classes": CLASSES,
+                "pace_s": 0.02,
+                "chunk_bytes": 1 << 14,
+            },
+            daemon=True,
+        )
+        run.thread.start()
+    for run in twice:
+        assert run.thread is not None
+        run.thread.join(300)
+    assert twice[2].error is None
+    assert any(run.error is None for run in twice[:2])  # at least one copy of rank 0 closed it
+    want = reference(ranks, CLASSES, Settings.load(cluster.replicas[0].config, env={}).engine_config())
+    for target in cluster.targets:
+        assert_same_result(fetch_result(target, "twice").result, want)
+    time.sleep(0.5)
+    assert list(finalizations.snapshot().values()) == [1]
