@@ -51,6 +51,7 @@ package: evalstream/v1/service_pb2.py
 
 unit: evalstream/v1/service_pb2.py
 	tools/ensure_prometheus.sh
+	tools/ensure_postgres.sh
 	$(BIN)/python -m pytest -q -rs
 
 # The suite while other processes keep every core busy half of each 100 ms (as on a shared CI

@@ -15,4 +15,5 @@ BENCHMARKS: dict[str, str] = {
     "load": "bench.load",
     "windows": "bench.windows",
     "records": "bench.records",
+    "replicas": "bench.replicas",
 }

@@ -35,8 +35,10 @@ T = TypeVar("T")
 
 
 class EvalClient:
-    """A connection to an evalstream server.
+    """A connection to an evalstream server, or to a set of replicas sharing one store.
 
+    ``target``: ``"host:port"``; ``"dns:///name:port"`` (every address of the name, e.g. a headless
+    Service, round-robin); or a list of ``"ip:port"`` replicas (round-robin).
     ``credentials``: ``None`` (plaintext), a ``TLSConfig`` with PEM paths (TLS
     or mutual TLS), or ready ``grpc.ChannelCredentials``. ``token``: sent as
     ``authorization: Bearer <token>`` on every call. ``timeout``: seconds per
@@ -46,7 +48,7 @@ class EvalClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         credentials: grpc.ChannelCredentials | TLSConfig | None = None,
         token: str | None = None,
@@ -55,7 +57,7 @@ class EvalClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, int | str]] = (),
     ) -> None:
-        self.target = target
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = max_message_bytes

@@ -12,10 +12,12 @@ problem and is raised at once.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +29,11 @@ MIB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 4 * MIB
 # Replies (an evaluation with per-class counts for many classes) can be large.
 DEFAULT_MAX_RECEIVE_BYTES = 64 * MIB
+
+# Spread calls over every address of a multi-address target (gRPC's default sticks to the first).
+ROUND_ROBIN: list[tuple[str, int | str]] = [
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
+]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 
@@ -107,13 +114,49 @@ def token_call_credentials(token: str) -> grpc.CallCredentials:
     return grpc.access_token_call_credentials(token)
 
 
+def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, int | str]]]:
+    """The gRPC target and balancing options for one server or a set of replicas.
+
+    - ``"host:port"``: one server (or whatever gRPC's default resolver finds for it).
+    - ``"dns:///name:port"``: every address the name resolves to (a Kubernetes headless Service);
+      calls are spread round-robin, and the name is resolved again when a connection ends.
+    - a list of ``"ip:port"`` (or one string of them, comma-separated): those replicas, round-robin.
+    - any other gRPC target (``"ipv4:a:1,b:2"``, ``"unix:..."``) as gRPC reads it, with its default
+      policy (pick_first: the first address that answers, the next when it fails).
+
+    Each stream stays on the replica it opened on; a stream whose replica dies reconnects to
+    another, which resumes it from the committed sequence in the shared store.
+    """
+    if isinstance(target, str):
+        if "," not in target or ":///" in target or target.startswith(("ipv4:", "ipv6:")):
+            return target, (ROUND_ROBIN if target.startswith("dns:") else [])
+        target = [t.strip() for t in target.split(",") if t.strip()]
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0], []
+    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in addresses]
+    try:
+        versions = {ipaddress.ip_address(h).version for h in hosts}
+    except ValueError:
+        raise ValueError(
+            f"a list of replicas must be IP:PORT addresses, got {addresses}; for names use one "
+            "dns:///NAME:PORT target (e.g. a headless Service) that resolves to every replica"
+        ) from None
+    if len(versions) != 1:
+        raise ValueError(f"a list of replicas must be all IPv4 or all IPv6, got {addresses}")
+    return f"ipv{versions.pop()}:" + ",".join(addresses), ROUND_ROBIN
+
+
 def make_channel(
-    target: str,
+    target: str | Sequence[str],
     credentials: grpc.ChannelCredentials | TLSConfig | None,
     max_message_bytes: int,
     extra_options: list[tuple[str, int | str]] | None = None,
 ) -> grpc.Channel:
     """A channel that reconnects quickly after a server restart and accepts large replies."""
+    target, balancing = channel_target(target)
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max(max_message_bytes, DEFAULT_MAX_RECEIVE_BYTES)),
@@ -129,6 +172,7 @@ def make_channel(
         if credentials.server_name:
             options.append(("grpc.ssl_target_name_override", credentials.server_name))
         credentials = credentials.channel_credentials()
+    options.extend(balancing)
     options.extend(extra_options or [])
     if credentials is None:
         return grpc.insecure_channel(target, options=options)

@@ -30,12 +30,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from evalstream.service import auth
+from evalstream.service.export_gate import ExportGate, ExportingStore
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.ingest import Coordinator
 from evalstream.service.servicer import EvalStreamServicer, add_to_server
 from evalstream.service.settings import Settings
-from evalstream.service.status import StoreFinalized
-from evalstream.service.store import SqliteStore
+from evalstream.service.status import FinalizedSource, ProgressSource, StoreFinalized
+from evalstream.service.store.url import open_store, redacted
+from evalstream.service.sweeper import ClaimingStore, FinalizeSweeper
 from evalstream.service.telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
 from evalstream.v1 import service_pb2
 
@@ -44,7 +46,7 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["EvalStreamService"].full
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         *_window_options(settings),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -56,6 +58,12 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if settings.max_connection_age_s > 0:
+        # Clients re-resolve and reconnect (to any replica) when a connection ages out; a stream cut by
+        # it resumes from the committed watermark like any reconnect.
+        age_ms = int(settings.max_connection_age_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    return options
 
 
 def _window_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -105,8 +113,20 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
-        self.store = SqliteStore(settings.data_path, settings.store_synchronous, settings.store_policy())
+        self.store = open_store(
+            settings.store_url,
+            settings.data_dir,
+            settings.store_synchronous,
+            settings.store_policy(),
+            settings.finalize_claim_s,
+        )
         self.coordinator = Coordinator(self.store, settings, self.telemetry)
+        # Replicas sharing a store finish each other's interrupted finalizes (service/sweeper.py).
+        self.sweeper = (
+            FinalizeSweeper(self.store, self.coordinator.finalize, settings.finalize_claim_s / 3)
+            if isinstance(self.store, ClaimingStore)
+            else None
+        )
         self.health = health_aio.HealthServicer()
         self.metrics: MetricsEndpoint | None = None
         self.port = 0
@@ -150,18 +170,22 @@ class Server:
         self._grpc = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.sweeper is not None:
+            self.sweeper.start()
         if s.metrics_address:
+            finalized: FinalizedSource = StoreFinalized(self.store)
+            progress: ProgressSource = self.coordinator
+            if isinstance(self.store, ExportingStore):  # replicas: one exports the evaluation gauges
+                finalized = progress = ExportGate(self.store, finalized, progress)
             self.telemetry.registry.register(
-                QualityCollector(
-                    StoreFinalized(self.store), self.coordinator, max_series=s.exporter_max_series
-                )
+                QualityCollector(finalized, progress, max_series=s.exporter_max_series)
             )
             self.metrics = self._serve_metrics()
         log.info(
-            "evalstream serving grpc=%s metrics=%s data_dir=%s engine=%s",
+            "evalstream serving grpc=%s metrics=%s store=%s engine=%s",
             self.target,
             self.metrics_target or "off",
-            os.path.abspath(s.data_dir),
+            redacted(s.store_url) if s.store_url else os.path.abspath(s.data_dir),
             self.coordinator.engine_backend,
         )
         if compiled:
@@ -194,6 +218,8 @@ class Server:
         """Stop accepting, give open calls ``grace`` seconds, finish started commits, close the store."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.coordinator.drain()

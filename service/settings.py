@@ -29,6 +29,7 @@ except ImportError:  # Python 3.10: the same parser, published on PyPI as tomli 
 from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
 from evalstream.service.engine.registry import direction
 from evalstream.service.store.base import StorePolicy
+from evalstream.service.store.url import store_kind
 
 ENV_PREFIX = "EVALSTREAM_"
 MIB = 1 << 20
@@ -141,6 +142,28 @@ class Settings:
             "(and pinned ones); older ones keep their metrics only; 0 keeps all"
         ),
     )
+    store_url: str = field(
+        default="",
+        metadata=_doc(
+            "where state lives: empty or sqlite:///DIR is the embedded SQLite store (in data_dir when "
+            "empty; one server process); postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE is a PostgreSQL "
+            "database any number of replicas share (docs/scaling.md)"
+        ),
+    )
+    finalize_claim_s: float = field(
+        default=30.0,
+        metadata=_doc(
+            "PostgreSQL store: how long a replica's claim to finalize an evaluation lives without renewal; "
+            "another replica takes over a finalize this long after its finalizer died or stalled"
+        ),
+    )
+    max_connection_age_s: float = field(
+        default=0.0,
+        metadata=_doc(
+            "close client connections after this many seconds (streams resume on a new one), so clients "
+            "re-resolve a dns:/// target and spread over replicas added since; 0 keeps them open"
+        ),
+    )
     store_synchronous: str = field(
         default="normal",
         metadata=_doc(
@@ -203,11 +226,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.finalize_claim_s <= 0 or self.max_connection_age_s < 0:
+            raise ValueError("finalize_claim_s must be > 0 and max_connection_age_s >= 0")
         if self.torch_threads < 0 or self.retention_keep_latest < 0 or self.shutdown_grace_s < 0:
             raise ValueError("torch_threads, retention_keep_latest and shutdown_grace_s must be >= 0")
         if self.engine_backend not in BACKENDS:
             choices = ", ".join(BACKENDS)
             raise ValueError(f"engine_backend must be one of {choices}, got {self.engine_backend!r}")
+        store_kind(self.store_url)  # ValueError naming the accepted forms
         if self.store_synchronous not in ("normal", "full"):
             raise ValueError(f'store_synchronous must be "normal" or "full", got {self.store_synchronous!r}')
         if not 0.0 < self.compare_confidence_level < 1.0:

@@ -21,6 +21,7 @@ import torch
 
 from evalstream.service.server import BackgroundServer
 from evalstream.service.settings import Settings
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures for every folder)
 from tests.support.servers import ENGINE_BACKEND_VARIABLE, small_settings
 
 os.environ.setdefault(ENGINE_BACKEND_VARIABLE, "eager")

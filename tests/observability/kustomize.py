@@ -2,9 +2,9 @@
 
 Supported: ``resources`` (files and kustomization directories), ``configMapGenerator``
 (files, options.labels / annotations) with ``disableNameSuffixHash``, ``labels`` without
-selectors, ``images``, ``namespace``, and ``patches`` (strategic-merge files and inline
-JSON 6902 with a target). Anything else raises, so a new feature in deploy/ cannot be
-silently ignored by the tests. ``tests/observability/test_k8s.py`` checks the output
+selectors, ``images``, ``namespace``, and ``patches`` (strategic-merge files, ``$patch: delete``
+included, and inline JSON 6902 with a target). Anything else raises, so a new feature in
+deploy/ cannot be silently ignored by the tests. ``tests/observability/test_k8s.py`` checks the output
 against ``kubectl kustomize`` where kubectl is installed.
 """
 
@@ -91,6 +91,9 @@ def _apply_patch(directory: Path, patch: Doc, docs: list[Doc]) -> None:
     if "path" in patch:
         body = yaml.safe_load((directory / patch["path"]).read_text())
         target = _find(docs, body["kind"], body["metadata"]["name"])
+        if body.get("$patch") == "delete":  # strategic merge's "remove this object"
+            docs.remove(target)
+            return
         merged = _strategic_merge(target, body)
         target.clear()
         target.update(merged)

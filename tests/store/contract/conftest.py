@@ -12,9 +12,15 @@ from evalstream.service.store import Store
 from tests.store.contract.backends import BACKENDS, Backend
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    made = BACKENDS[request.param](tmp_path)
+    made: Backend
+    if request.param == "postgresql":  # a database on the session's PostgreSQL server
+        from tests.store.postgres_backend import PostgresBackend
+
+        made = PostgresBackend(request.getfixturevalue("postgres_server"))
+    else:
+        made = BACKENDS[request.param](tmp_path)
     yield made
     made.close()
 
