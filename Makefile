@@ -62,6 +62,7 @@ BUSY ?= ../shared/tools/busy
 unit-busy: evalstream/v1/service_pb2.py
 	@test -x "$(BUSY)" || { echo "make unit-busy: $(BUSY) not found or not executable; it is the CPU hog in the shared/ folder beside the checkout (set BUSY=/path/to/busy)" >&2; exit 2; }
 	tools/ensure_prometheus.sh
+	tools/ensure_postgres.sh
 	$(BUSY) -- $(BIN)/python -m pytest -q -rs
 
 test: lint typecheck package unit
