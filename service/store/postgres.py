@@ -45,11 +45,12 @@ from evalstream.service.store.base import (
     StoredChunk,
     StorePolicy,
 )
-from evalstream.service.store.errors import NotWritable, SequenceConflict, ShardMismatch
+from evalstream.service.store.errors import SequenceConflict
 from evalstream.service.store.postgres_claims import Claims
 from evalstream.service.store.postgres_leader import ExporterLease
 from evalstream.service.store.postgres_reads import NOW, PostgresReads, Row, eval_in, make_pool, shard_in
 from evalstream.service.store.postgres_schema import LATEST, migrate
+from evalstream.service.store.rules import check_agrees, check_writable, too_large
 
 # Merged records are stored in pieces of this size: far below the 1 GB bytea limit, small enough
 # that neither side of the connection holds one value of a huge evaluation in one buffer twice.
@@ -121,7 +122,7 @@ class PostgresStore(PostgresReads, Store):
             assert found is not None  # inserted above or by the insert this one waited for
             evaluation_id = found["id"]
             ev = eval_in(conn, evaluation_id, "FOR UPDATE OF e")
-            _check_agrees(ev, request)
+            check_agrees(ev, request)
             if request.pin and not ev.pinned:
                 conn.execute("UPDATE evaluations SET pinned = true WHERE id = %s", (evaluation_id,))
             conn.execute(
@@ -144,7 +145,7 @@ class PostgresStore(PostgresReads, Store):
         def op(conn: psycopg.Connection[Row]) -> list[StoredChunk | SequenceConflict]:
             ev = eval_in(conn, evaluation_id, "FOR SHARE OF e")
             shard = shard_in(conn, evaluation_id, rank, "FOR UPDATE")
-            _check_writable(ev, shard)
+            check_writable(ev, shard)
             total = ev.num_samples
             out: list[StoredChunk | SequenceConflict] = []
             rows: list[tuple[str, int, int, int, bytes | None]] = []
@@ -158,7 +159,7 @@ class PostgresStore(PostgresReads, Store):
                 rejection = chunk.rejection
                 if rejection is None and total + chunk.samples > max_samples:
                     rejection = Rejection(
-                        chunk.sequence, TOO_LARGE, _too_large(ev, total + chunk.samples, max_samples)
+                        chunk.sequence, TOO_LARGE, too_large(ev, total + chunk.samples, max_samples)
                     )
                 if rejection is None:
                     rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
@@ -352,26 +353,3 @@ def _stamped(item: StoredChunk | SequenceConflict, updated_at: float) -> StoredC
         updated_at,
     )
     return StoredChunk(shard, item.rejection)
-
-
-def _check_agrees(ev: EvaluationRow, request: ShardOpenRequest) -> None:
-    """The shard must describe the same evaluation every other rank opened."""
-    for field, stored, requested in (
-        ("world_size", ev.world_size, request.world_size),
-        ("num_classes", ev.num_classes, request.num_classes),
-        ("score_kind", ev.score_kind, request.score_kind),
-    ):
-        if stored != requested:
-            raise ShardMismatch(ev.key.name, field, stored, requested)
-
-
-def _too_large(ev: EvaluationRow, total: int, max_samples: int) -> str:
-    return (
-        f"evaluation {ev.key.name} would hold {total} samples, "
-        f"over the server's max_samples_per_evaluation={max_samples}"
-    )
-
-
-def _check_writable(ev: EvaluationRow, shard: ShardRow) -> None:
-    if ev.finalized or shard.closed:
-        raise NotWritable(ev.evaluation_id, shard.rank, ev.finalized)

@@ -32,7 +32,8 @@ from evalstream.service.store.base import (
     StoredChunk,
     StorePolicy,
 )
-from evalstream.service.store.errors import NotWritable, SequenceConflict, ShardMismatch
+from evalstream.service.store.errors import SequenceConflict
+from evalstream.service.store.rules import check_agrees, check_writable, too_large
 from evalstream.service.store.sqlite_reads import SqliteReads, eval_in, shard_in
 from evalstream.service.store.sqlite_schema import connect, migrate, reclaims_space
 from evalstream.service.store.sqlite_writer import Reclaimer, Writer, raise_as_store_error
@@ -107,7 +108,7 @@ class SqliteStore(SqliteReads, Store):
             else:
                 evaluation_id = row["id"]
                 ev = eval_in(conn, evaluation_id)
-                _check_agrees(ev, request)
+                check_agrees(ev, request)
                 if request.pin and not ev.pinned:
                     conn.execute("UPDATE evaluations SET pinned = 1 WHERE id = ?", (evaluation_id,))
             conn.execute(
@@ -130,7 +131,7 @@ class SqliteStore(SqliteReads, Store):
         def op(conn: sqlite3.Connection) -> list[StoredChunk | SequenceConflict]:
             ev = eval_in(conn, evaluation_id)
             shard = shard_in(conn, evaluation_id, rank)
-            _check_writable(ev, shard)
+            check_writable(ev, shard)
             now = time.time()
             total = ev.num_samples
             out: list[StoredChunk | SequenceConflict] = []
@@ -143,7 +144,7 @@ class SqliteStore(SqliteReads, Store):
                 rejection = chunk.rejection
                 if rejection is None and total + chunk.samples > max_samples:
                     rejection = Rejection(
-                        chunk.sequence, TOO_LARGE, _too_large(ev, total + chunk.samples, max_samples)
+                        chunk.sequence, TOO_LARGE, too_large(ev, total + chunk.samples, max_samples)
                     )
                 if rejection is None:
                     rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
@@ -306,29 +307,6 @@ class SqliteStore(SqliteReads, Store):
     def close(self) -> None:
         self._writer.close()
         self._close_readers()
-
-
-def _check_agrees(ev: EvaluationRow, request: ShardOpenRequest) -> None:
-    """The shard must describe the same evaluation every other rank opened."""
-    for field, stored, requested in (
-        ("world_size", ev.world_size, request.world_size),
-        ("num_classes", ev.num_classes, request.num_classes),
-        ("score_kind", ev.score_kind, request.score_kind),
-    ):
-        if stored != requested:
-            raise ShardMismatch(ev.key.name, field, stored, requested)
-
-
-def _too_large(ev: EvaluationRow, total: int, max_samples: int) -> str:
-    return (
-        f"evaluation {ev.key.name} would hold {total} samples, "
-        f"over the server's max_samples_per_evaluation={max_samples}"
-    )
-
-
-def _check_writable(ev: EvaluationRow, shard: ShardRow) -> None:
-    if ev.finalized or shard.closed:
-        raise NotWritable(ev.evaluation_id, shard.rank, finalized=ev.finalized)
 
 
 def _write_synced(path: Path, data: bytes) -> Path:
