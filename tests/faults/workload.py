@@ -60,8 +60,8 @@ def reference(
     return result_from_report(compute_metrics(records, num_classes, config))
 
 
-def differences(got: Message, want: Message, path: str = "") -> list[str]:
-    """Every field where ``got`` differs from ``want``: integers exactly, floats to REL_TOL."""
+def differences(got: Message, want: Message, path: str = "", rel_tol: float = REL_TOL) -> list[str]:
+    """Every field where ``got`` differs from ``want``: integers exactly, floats to ``rel_tol``."""
     out: list[str] = []
     for fd in want.DESCRIPTOR.fields:
         name = f"{path}.{fd.name}" if path else fd.name
@@ -71,36 +71,39 @@ def differences(got: Message, want: Message, path: str = "") -> list[str]:
                 out.append(f"{name}: keys {sorted(set(a) ^ set(b))} differ")
                 continue
             for k in b:
-                out += _scalar(f"{name}[{k}]", fd.message_type.fields_by_name["value"], a[k], b[k])
+                out += _scalar(f"{name}[{k}]", fd.message_type.fields_by_name["value"], a[k], b[k], rel_tol)
         elif fd.is_repeated:
             if len(a) != len(b):
                 out.append(f"{name}: {len(a)} items, expected {len(b)}")
                 continue
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 if fd.type == FieldDescriptor.TYPE_MESSAGE:
-                    out += differences(x, y, f"{name}[{i}]")
+                    out += differences(x, y, f"{name}[{i}]", rel_tol)
                 else:
-                    out += _scalar(f"{name}[{i}]", fd, x, y)
+                    out += _scalar(f"{name}[{i}]", fd, x, y, rel_tol)
         elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-            out += differences(a, b, name)
+            out += differences(a, b, name, rel_tol)
         else:
-            out += _scalar(name, fd, a, b)
+            out += _scalar(name, fd, a, b, rel_tol)
     return out
 
 
-def _scalar(name: str, fd: Any, a: object, b: object) -> list[str]:
+def _scalar(name: str, fd: Any, a: object, b: object, rel_tol: float = REL_TOL) -> list[str]:
     if fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         x, y = float(a), float(b)  # type: ignore[arg-type]
         if math.isnan(x) and math.isnan(y):
             return []
-        if math.isclose(x, y, rel_tol=REL_TOL, abs_tol=ABS_TOL):
+        if math.isclose(x, y, rel_tol=rel_tol, abs_tol=ABS_TOL):
             return []
         return [f"{name}: {x!r} != {y!r} (relative {abs(x - y) / max(abs(x), abs(y)):.3g})"]
     return [] if a == b else [f"{name}: {a!r} != {b!r}"]
 
 
-def assert_same_result(got: evaluation_pb2.EvaluationResult, want: evaluation_pb2.EvaluationResult) -> None:
-    diff = differences(got, want)
+def assert_same_result(
+    got: evaluation_pb2.EvaluationResult, want: evaluation_pb2.EvaluationResult, rel_tol: float = REL_TOL
+) -> None:
+    """Counts exactly (a lost or doubled chunk changes them), sums to ``rel_tol``."""
+    diff = differences(got, want, rel_tol=rel_tol)
     assert not diff, "finalized result differs from the engine on the data sent:\n" + "\n".join(diff[:20])
 
 
