@@ -32,6 +32,7 @@ import numpy.typing as npt
 from evalstream.service.engine.errors import ChunkError
 from evalstream.service.engine.records import FIELDS, VERSION, Records
 from evalstream.v1 import service_pb2
+from evalstream.wire import len_field, varint_field
 
 # The records layout version this build reads and writes (the records' binary form version).
 LAYOUT_VERSION = VERSION
@@ -118,15 +119,6 @@ def layout_from_pb(msg: service_pb2.RecordsLayout) -> tuple[int, tuple[tuple[str
 # -- encoding ---------------------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_columns(records: Records, layout: Layout, start: int = 0, stop: int | None = None) -> list[bytes]:
     """Rows [start, stop) of ``records`` as the layout's raw little-endian columns, one buffer each."""
     stop = len(records) if stop is None else stop
@@ -149,16 +141,13 @@ def encode_request(records: Records, layout: Layout, start: int, stop: int, sequ
 def request_from_columns(columns: list[bytes], rows: int, version: int, sequence: int) -> bytes:
     """The serialized request around column buffers already in the layout's order and form."""
     size = sum(len(c) for c in columns)
-    head = b""
-    if sequence:
-        head += _varint(_RC["sequence"].number << 3) + _varint(sequence)
-    head += _varint(_RC["layout_version"].number << 3) + _varint(version)
-    if rows:
-        head += _varint(_RC["rows"].number << 3) + _varint(rows)
-    if size:
-        head += _varint(_RC["columns"].number << 3 | 2) + _varint(size)
-    body = len(head) + size
-    return b"".join([_varint(_REQUEST_FIELD << 3 | 2), _varint(body), head, *columns])
+    head = (
+        varint_field(_RC["sequence"].number, sequence)
+        + varint_field(_RC["layout_version"].number, version)
+        + varint_field(_RC["rows"].number, rows)
+        + (len_field(_RC["columns"].number, size) if size else b"")
+    )
+    return b"".join([len_field(_REQUEST_FIELD, len(head) + size), head, *columns])
 
 
 # -- decoding and validation ------------------------------------------------------------------------

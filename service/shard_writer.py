@@ -83,8 +83,8 @@ class ShardWriter:
 
     # -- intake -------------------------------------------------------------------------------
 
-    async def submit(self, sequence: int, decode: Callable[[], DecodedChunk]) -> asyncio.Future[ChunkOutcome]:
-        """Take one chunk and return the future of its outcome (what its acknowledgement says)."""
+    def _check_sequence(self, sequence: int) -> None:
+        """Chunks of scores and of records follow the same rules: an open shard, no gap."""
         lease = self._lease
         if lease.closed:
             raise FailedPrecondition(f"rank {lease.rank} of {lease.key.name} is closed; open a new stream")
@@ -93,6 +93,11 @@ class ShardWriter:
                 f"sequence gap on rank {lease.rank} of {lease.key.name}: "
                 f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
             )
+
+    async def submit(self, sequence: int, decode: Callable[[], DecodedChunk]) -> asyncio.Future[ChunkOutcome]:
+        """Take one chunk and return the future of its outcome (what its acknowledgement says)."""
+        lease = self._lease
+        self._check_sequence(sequence)
         if sequence < lease.accepted:
             self.flush()
             return self._enqueue([sequence], [0], None)[0]
@@ -132,13 +137,7 @@ class ShardWriter:
         """Take one RecordsChunk (records a client reduced): the sequence rules of ``submit``; the
         records are validated on a worker thread and committed in order like any chunk."""
         lease = self._lease
-        if lease.closed:
-            raise FailedPrecondition(f"rank {lease.rank} of {lease.key.name} is closed; open a new stream")
-        if sequence > lease.accepted:
-            raise FailedPrecondition(
-                f"sequence gap on rank {lease.rank} of {lease.key.name}: "
-                f"expected chunk {lease.accepted}, got {sequence}; resend from {lease.accepted}"
-            )
+        self._check_sequence(sequence)
         self.flush()
         if sequence < lease.accepted:
             return self._enqueue([sequence], [0], None)[0]
