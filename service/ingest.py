@@ -285,6 +285,8 @@ class Coordinator:
         writer = _writer(lease)
         writer.flush()
         await writer.settled()
+        if lease.broken is not None:
+            raise lease.broken
         if num_chunks != lease.next_sequence:
             raise FailedPrecondition(
                 f"close says {num_chunks} chunks were sent but rank {lease.rank} of {lease.key.name} has "

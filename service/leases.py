@@ -3,15 +3,17 @@
 One stream holds a rank at a time; a second open of the same rank is ABORTED
 until the first stream's lease is dropped, which happens only after its last
 commit landed (so a reconnecting stream resumes from a settled shard). Used
-from the event loop only.
+from the event loop only. With replicas on one database the same hold is also
+kept in the database (``OwningStore``), so a second stream on another replica
+hears the same refusal.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from evalstream.service.errors import Aborted, ResourceExhausted
+from evalstream.service.errors import Aborted, ResourceExhausted, ServiceError
 from evalstream.service.store.base import EvaluationKey, ShardRow
 
 if TYPE_CHECKING:
@@ -42,6 +44,11 @@ class Lease:
     writer: ShardWriter | None = field(default=None, repr=False)
     # Where this shard's scores are reduced: "server" (Chunk messages) or "client" (RecordsChunk).
     reduce: str = "server"
+    # Set when the stream must stop (a re-sent sequence with other content, the shard changed under
+    # it): every later chunk and the close get this error, and nothing more of the stream commits.
+    broken: ServiceError | None = None
+    # This stream's hold on the rank in a store shared by replicas ("" with the embedded store).
+    owner_token: str = ""
 
     def __post_init__(self) -> None:
         self.accepted = max(self.accepted, self.next_sequence)
@@ -63,6 +70,36 @@ class Lease:
         self.accepted = max(self.accepted, shard.next_sequence)
 
 
+def held(key: EvaluationKey, rank: int) -> Aborted:
+    """The refusal of a second open of a rank while a stream holds it, on this replica or another."""
+    return Aborted(
+        f"rank {rank} of {key.name} is held by another open stream; "
+        "retry once that stream has ended (a dropped connection is noticed within seconds)"
+    )
+
+
+@runtime_checkable
+class OwningStore(Protocol):
+    """A store shared by replicas that keeps which stream owns a rank (``postgres_ownership.py``).
+
+    The lease table above holds a rank within one process; with several replicas the second stream
+    may reach another process, so the hold must also live in the shared store.
+    """
+
+    def acquire_shard(self, evaluation_id: str, rank: int, token: str) -> ShardRow | None:
+        """Own the rank for the stream ``token``; the shard as it stands, or None if a live stream
+        (of another replica) owns it."""
+        ...
+
+    def release_shard(self, evaluation_id: str, rank: int, token: str) -> None:
+        """Give the rank up (idempotent)."""
+        ...
+
+    def shard_lost(self, token: str) -> bool:
+        """Whether the stream ``token`` lost its hold (not renewed in time, then taken over)."""
+        ...
+
+
 class LeaseTable:
     """Leases by (evaluation key, rank), and how many each peer holds."""
 
@@ -79,10 +116,7 @@ class LeaseTable:
         """Hold the slot while the store answers the open; refused when held or over a limit."""
         key, rank = slot
         if slot in self._leases:
-            raise Aborted(
-                f"rank {rank} of {key.name} is held by another open stream; "
-                "retry once that stream has ended (a dropped connection is noticed within seconds)"
-            )
+            raise held(key, rank)
         if len(self._leases) >= self.max_open:
             raise ResourceExhausted(
                 f"this server already streams {len(self._leases)} shards (max_open_shards="

@@ -148,8 +148,8 @@ class PostgresStore(PostgresReads, Store):
             check_writable(ev, shard)
             total = ev.num_samples
             out: list[StoredChunk | SequenceConflict] = []
-            rows: list[tuple[str, int, int, int, bytes | None]] = []
-            refused: list[tuple[str, int, int, str, str]] = []
+            rows: list[tuple[str, int, int, int, bytes | None, bytes | None]] = []
+            refused: list[tuple[str, int, int, str, str, bytes | None]] = []
             next_sequence, samples, count, rejected = shard.next_sequence, 0, 0, 0
             nll_sum, correct = 0.0, 0
             for chunk in chunks:
@@ -162,14 +162,17 @@ class PostgresStore(PostgresReads, Store):
                         chunk.sequence, TOO_LARGE, too_large(ev, total + chunk.samples, max_samples)
                     )
                 if rejection is None:
-                    rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
+                    rows.append(
+                        (evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records, chunk.digest)
+                    )
                     total += chunk.samples
                     samples += chunk.samples
                     count += 1
                     nll_sum += chunk.nll_sum
                     correct += chunk.correct
                 else:
-                    refused.append((evaluation_id, rank, chunk.sequence, rejection.reason, rejection.message))
+                    why = (rejection.reason, rejection.message)
+                    refused.append((evaluation_id, rank, chunk.sequence, *why, chunk.digest))
                     rejected += 1
                 next_sequence = chunk.sequence + 1
                 out.append(
@@ -194,16 +197,16 @@ class PostgresStore(PostgresReads, Store):
             with conn.cursor() as cur:
                 if rows:
                     cur.executemany(
-                        "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records, digest) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         rows,
                     )
                     if cur.rowcount != len(rows):  # the shard lock makes this unreachable; the key decides
                         raise SequenceConflict(shard.next_sequence + len(out), rows[0][2])
                 if refused:
                     cur.executemany(
-                        "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message, digest) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         refused,
                     )
             updated = conn.execute(
