@@ -35,9 +35,9 @@ from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
 from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import Records
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
-from evalstream.service.errors import Aborted, FailedPrecondition, InvalidArgument
+from evalstream.service.errors import FailedPrecondition, InvalidArgument
 from evalstream.service.finalizer import Finalizer
-from evalstream.service.leases import Lease, LeaseTable, OwningStore, held
+from evalstream.service.leases import Lease, LeaseTable, OwningStore, SharedHolds
 from evalstream.service.recovery import recover
 from evalstream.service.reduction import Reduction
 from evalstream.service.settings import Settings
@@ -136,7 +136,7 @@ class Coordinator:
         )
         self._leases = LeaseTable(settings.max_open_shards, settings.max_open_shards_per_connection)
         # Replicas sharing a database: a rank's hold is also kept there (service/store/postgres_ownership.py).
-        self._owners = store if isinstance(store, OwningStore) else None
+        self._holds = SharedHolds(store, self._in_io, self._track) if isinstance(store, OwningStore) else None
         self._finalizer = Finalizer(
             store, self.engine_config, self.telemetry, self._in_io, self._in_worker, self._track
         )
@@ -201,12 +201,13 @@ class Coordinator:
                     f"{request.key.name} was finalized before rank {request.rank} closed its shard; "
                     "stream into a new step"
                 )
-            if not shard.closed and self._owners is not None:
+            if not shard.closed and self._holds is not None:
                 token = uuid.uuid4().hex
-                shard = await self._own(request, evaluation.evaluation_id, token)
-            if shard.closed:  # closed before, or by the stream that owned it until now
+                shard = await self._holds.take(request.key, request.rank, evaluation.evaluation_id, token)
+            if shard.closed:  # closed before, or by the stream that held it until now
                 self._leases.drop(slot, peer)
-                self._disown(evaluation.evaluation_id, request.rank, token)
+                if self._holds is not None:
+                    self._holds.give_back(evaluation.evaluation_id, request.rank, token)
                 return Opened(None, evaluation, shard)
         except BaseException:
             self._leases.drop(slot, peer)
@@ -228,42 +229,6 @@ class Coordinator:
         lease.writer = ShardWriter(lease, self._shared)
         self._leases.grant(lease)
         return Opened(lease, evaluation, shard)
-
-    async def _own(self, request: ShardOpenRequest, evaluation_id: str, token: str) -> ShardRow:
-        """Take the rank's hold in the shared database; the shard as it stands once held.
-
-        ABORTED, as on one replica, while a live stream of another replica holds it. The taking runs
-        to its end even if this open is cancelled, and a hold it took is then given back.
-        """
-        assert self._owners is not None
-        taking = self._track(
-            asyncio.ensure_future(self._in_io(self._owners.acquire_shard, evaluation_id, request.rank, token))
-        )
-        try:
-            owned = await asyncio.shield(taking)
-        except BaseException:
-            taking.add_done_callback(lambda _f: self._disown(evaluation_id, request.rank, token))
-            raise
-        if owned is None:
-            raise held(request.key, request.rank)
-        return owned
-
-    def _disown(self, evaluation_id: str, rank: int, token: str) -> None:
-        """Give a rank's hold in the shared database back (in the background; none without a token)."""
-        if self._owners is not None and token:
-            self._track(
-                asyncio.ensure_future(self._in_io(self._owners.release_shard, evaluation_id, rank, token))
-            )
-
-    def _check_owned(self, lease: Lease) -> None:
-        """A stream whose hold another replica's stream took over (it could not be renewed in time)
-        stops, as the second of two streams on one replica would never have started."""
-        owners, token = self._owners, lease.owner_token
-        if lease.broken is None and token and owners is not None and owners.shard_lost(token):
-            lease.broken = Aborted(
-                f"rank {lease.rank} of {lease.key.name} was taken over by another stream while this "
-                "server could not renew its hold; reopen it"
-            )
 
     def _check_open(self, request: ShardOpenRequest) -> None:
         if request.world_size < 1:
@@ -294,7 +259,8 @@ class Coordinator:
 
         def settled() -> None:
             self._leases.drop(lease.slot, lease.peer)
-            self._disown(lease.evaluation_id, lease.rank, lease.owner_token)
+            if self._holds is not None:
+                self._holds.give_back(lease.evaluation_id, lease.rank, lease.owner_token)
 
         writer.when_settled(settled)
 
@@ -310,7 +276,8 @@ class Coordinator:
         reduces, commits and answers it in order (see ``shard_writer.py``).
         Waits while both of the stream's blocks are busy (backpressure).
         """
-        self._check_owned(lease)
+        if self._holds is not None:
+            self._holds.check(lease)
         return await _writer(lease).submit(sequence, decode)
 
     def submit_records(
@@ -318,7 +285,8 @@ class Coordinator:
     ) -> asyncio.Future[ChunkOutcome]:
         """Take one RecordsChunk (a client's records) and return its outcome's future; same sequence
         rules, commit path and acknowledgements as a chunk of scores (see ``shard_writer.py``)."""
-        self._check_owned(lease)
+        if self._holds is not None:
+            self._holds.check(lease)
         return _writer(lease).submit_records(sequence, decode)
 
     async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:

@@ -10,8 +10,10 @@ hears the same refusal.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from evalstream.service.errors import Aborted, ResourceExhausted, ServiceError
 from evalstream.service.store.base import EvaluationKey, ShardRow
@@ -98,6 +100,60 @@ class OwningStore(Protocol):
     def shard_lost(self, token: str) -> bool:
         """Whether the stream ``token`` lost its hold (not renewed in time, then taken over)."""
         ...
+
+
+class SharedHolds:
+    """The ranks' holds in a store shared by replicas, beside this process's lease table.
+
+    The lease table still decides first (and alone among this process's streams); the store's hold
+    then decides among replicas, with the same refusal.
+    """
+
+    def __init__(
+        self,
+        store: OwningStore,
+        in_io: Callable[..., Awaitable[Any]],
+        track: Callable[[asyncio.Future[Any]], asyncio.Future[Any]],
+    ) -> None:
+        self._store = store
+        self._in_io = in_io
+        self._track = track
+
+    async def take(self, key: EvaluationKey, rank: int, evaluation_id: str, token: str) -> ShardRow:
+        """Hold the rank for the stream ``token``; the shard as it stands once held.
+
+        ABORTED, as on one replica, while a live stream of another replica holds it. The taking runs
+        to its end even if the open is cancelled, and a hold it took is then given back.
+        """
+        taking = self._track(
+            asyncio.ensure_future(self._in_io(self._store.acquire_shard, evaluation_id, rank, token))
+        )
+        try:
+            owned: ShardRow | None = await asyncio.shield(taking)
+        except BaseException:
+            taking.add_done_callback(lambda _f: self.give_back(evaluation_id, rank, token))
+            raise
+        if owned is None:
+            raise held(key, rank)
+        return owned
+
+    def give_back(self, evaluation_id: str, rank: int, token: str) -> None:
+        """Release the hold of ``token`` in the background (nothing without a token)."""
+        if token:
+            self._track(
+                asyncio.ensure_future(self._in_io(self._store.release_shard, evaluation_id, rank, token))
+            )
+
+    def check(self, lease: Lease) -> None:
+        """A stream whose hold another replica's stream took over (it could not be renewed in time)
+        stops (its next chunk gets ABORTED), as the second of two streams on one replica would
+        never have started."""
+        token = lease.owner_token
+        if lease.broken is None and token and self._store.shard_lost(token):
+            lease.broken = Aborted(
+                f"rank {lease.rank} of {lease.key.name} was taken over by another stream while this "
+                "server could not renew its hold; reopen it"
+            )
 
 
 class LeaseTable:

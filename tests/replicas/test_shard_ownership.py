@@ -7,6 +7,7 @@ Real replicas (``tests/replicas/cluster.py``) on one private PostgreSQL, driven 
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_a_live_rank_is_refused_on_another_replica_as_on_its_own_until_its_strea
 def test_a_killed_replicas_rank_is_accepted_elsewhere_once_its_hold_expires(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    lease_s = 2.0
+    lease_s = 4.0
     cluster = Cluster(tmp_path, postgres_url, n=2, shard_lease_s=lease_s)
     try:
         cluster.start()
@@ -162,3 +163,34 @@ def test_a_sequence_replayed_to_another_replica_is_a_duplicate_only_with_the_sam
     want = reference([batches], CLASSES, Settings.load(cluster.replicas[0].config, env={}).engine_config())
     for target in cluster.targets:
         assert_same_result(fetch_result(target, "replayed").result, want)
+
+
+def test_a_paused_replica_whose_hold_was_taken_over_ends_its_stream_when_it_wakes(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    lease_s = 2.0
+    cluster = Cluster(tmp_path, postgres_url, n=2, shard_lease_s=lease_s)
+    try:
+        cluster.start()
+        _, first = _open(cluster.targets[0], "paused")
+        first.send(open_request("paused", CLASSES, run=RUN))
+        batches = rank_batches(0, 3, 16, CLASSES, seed=4)
+        assert first.send(chunk_request(0, *batches[0])).ack.next_sequence == 1
+        cluster.replicas[0].signal(signal.SIGSTOP)  # a frozen VM, a long pause: nothing renews
+        channel, second, resume = _accepted_within(cluster.targets[1], "paused", 30.0)
+        assert resume == 1
+        assert second.send(chunk_request(1, *batches[1])).ack.next_sequence == 2
+        cluster.replicas[0].signal(signal.SIGCONT)
+        time.sleep(lease_s)  # its heartbeat runs and finds the hold taken over
+        ended = first.fails(chunk_request(1, *batches[2]))
+        assert ended.code() == grpc.StatusCode.ABORTED
+        assert "taken over by another stream" in (ended.details() or "")
+        assert second.send(chunk_request(2, *batches[2])).ack.next_sequence == 3
+        assert second.send(close_request(3)).closed.finalized
+        second.end()
+        channel.close()
+        config = Settings.load(cluster.replicas[1].config, env={}).engine_config()
+        got = fetch_result(cluster.targets[1], "paused").result
+        assert_same_result(got, reference([batches], CLASSES, config))
+    finally:
+        cluster.close()
