@@ -14,6 +14,7 @@ import pytest
 
 from evalstream.service.store import EvaluationKey, ShardOpenRequest
 from evalstream.service.store.postgres import PostgresStore
+from evalstream.service.store.postgres_schema import LATEST, migrate
 
 LEASE_S = 0.6
 
@@ -100,3 +101,30 @@ def test_a_stopping_replica_releases_every_hold(postgres_url: str) -> None:
         assert b.acquire_shard(evaluation_id, 0, "stream-b") is not None
     finally:
         b.close()
+
+
+def test_a_version_1_database_is_upgraded_with_its_open_evaluation(postgres_url: str) -> None:
+    """Version 2 adds the holds table and the refused chunks' digests; what version 1 holds stays."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        migrate(conn, 1)
+    with psycopg.connect(postgres_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO evaluations (id, run, model, split, step, state, world_size, num_classes, "
+            "score_kind, dataset_size, created_at) VALUES ('e1', 'r', 'm', 'validation', 0, 'open', 1, "
+            "10, 'logits', 0, 0)"
+        )
+        conn.execute(
+            "INSERT INTO shards (evaluation_id, rank, next_sequence, updated_at) VALUES ('e1', 0, 1, 0)"
+        )
+        conn.execute(
+            "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) VALUES ('e1', 0, 0, 3, 'x')"
+        )
+    store = PostgresStore(postgres_url, pool_size=2)
+    try:
+        assert store.chunk_digest("e1", 0, 0) is None  # committed before digests: judges nothing
+        shard = store.acquire_shard("e1", 0, "stream")
+        assert shard is not None and shard.next_sequence == 1
+        with psycopg.connect(postgres_url) as conn:
+            assert conn.execute("SELECT version FROM evalstream_schema").fetchall() == [(LATEST,)]
+    finally:
+        store.close()
