@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import pytest
+import torch
 
 from evalstream.service import records_wire
+from evalstream.service.decode import DecodedChunk, decode_chunk
+from evalstream.service.digest import scores_digest
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.settings import Settings
+from evalstream.service.staging import StagingBlock
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
 from evalstream.wire import DTYPE_CODES, WireTensor, encode_chunk_request
 from tests.service.conftest import NUM_CLASSES
@@ -22,6 +27,7 @@ from tests.service.helpers import (
     make_data,
     open_request,
 )
+from tests.support import lockstep
 from tests.support.lockstep import LockStep
 
 
@@ -119,3 +125,33 @@ def test_a_resent_records_chunk_is_judged_by_its_records_bytes(
     assert s.send(close_request(2)).closed.finalized
     s.end()
     assert _result(channel, "records") == expected_result(data, NUM_CLASSES, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_chunk_has_one_digest_whether_staged_in_a_block_or_reduced_alone(dtype: torch.dtype) -> None:
+    """A replica may stage a chunk in a block where another reduces it alone (a larger block_rows
+    setting, a chunk that did not fit): the digest is of the input as decoded, the same either way,
+    and differs with any change of scores, labels, ids or dtype."""
+    data = make_data(40, NUM_CLASSES, seed=11)
+    scores = torch.from_numpy(data.scores).to(dtype)
+
+    def decoded(scores: torch.Tensor, labels: np.ndarray, ids: np.ndarray | None) -> DecodedChunk:
+        chunk = lockstep.chunk_request(0, scores, labels, ids).chunk
+        return decode_chunk(chunk, NUM_CLASSES, max_rows=1000)
+
+    alone = decoded(scores, data.labels.astype(np.int32), data.ids)
+    block = StagingBlock(64, NUM_CLASSES, dtype)
+    block.append(decoded(scores[:10], data.labels[:10], data.ids[:10]), 0, None)  # type: ignore[arg-type]
+    block.append(alone, 1, None)  # type: ignore[arg-type]
+    staged = scores_digest(*block.views(10, 50), dtype)
+    assert staged == scores_digest(alone.host, alone.labels, alone.sample_ids, alone.dtype)
+    changed = data.labels.copy()
+    changed[0] = (changed[0] + 1) % NUM_CLASSES
+    others = [
+        decoded(scores, changed, data.ids),
+        decoded(scores, data.labels, data.ids + 1),
+        decoded(scores, data.labels, None),
+        decoded(scores.to(torch.float32 if dtype != torch.float32 else torch.float16), data.labels, data.ids),
+    ]
+    for other in others:
+        assert scores_digest(other.host, other.labels, other.sample_ids, other.dtype) != staged
