@@ -15,7 +15,7 @@ from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.settings import Settings
 from evalstream.service.staging import StagingBlock
 from evalstream.v1 import evaluation_pb2, service_pb2, service_pb2_grpc
-from evalstream.wire import DTYPE_CODES, WireTensor, encode_chunk_request
+from evalstream.wire import DTYPE_CODES, WireTensor, encode_chunk_request, encode_tensor
 from tests.service.conftest import NUM_CLASSES
 from tests.service.helpers import (
     MODEL,
@@ -27,7 +27,6 @@ from tests.service.helpers import (
     make_data,
     open_request,
 )
-from tests.support import lockstep
 from tests.support.lockstep import LockStep
 
 
@@ -136,7 +135,9 @@ def test_a_chunk_has_one_digest_whether_staged_in_a_block_or_reduced_alone(dtype
     scores = torch.from_numpy(data.scores).to(dtype)
 
     def decoded(scores: torch.Tensor, labels: np.ndarray, ids: np.ndarray | None) -> DecodedChunk:
-        chunk = lockstep.chunk_request(0, scores, labels, ids).chunk
+        chunk = service_pb2.Chunk(sequence=0, scores=encode_tensor(scores), labels=encode_tensor(labels))
+        if ids is not None:
+            chunk.sample_ids.CopyFrom(encode_tensor(ids))
         return decode_chunk(chunk, NUM_CLASSES, max_rows=1000)
 
     alone = decoded(scores, data.labels.astype(np.int32), data.ids)
