@@ -15,7 +15,8 @@ it, with an expiry on the database clock (one clock for every replica).
   streams and commits carry nothing extra. The same heartbeat deletes rows of
   this replica that no stream holds any more (a release that failed while the
   database was away), and notices holds another replica took over after this
-  one could not renew them in time (``lost``): that stream is then ended.
+  one could not renew them in time (``lost``): that stream is then ended. Rows
+  of replicas that died an hour ago and more are deleted by any heartbeat.
 - **Released** when the stream ends, after its last commit (the lease table's
   rule), and every row of the replica when its store closes (a graceful stop).
 - **Expiry**: a replica that dies (SIGKILL, a lost node) or stalls renews
@@ -44,6 +45,9 @@ from evalstream.service.store.postgres_reads import Row, shard_in
 log = logging.getLogger(__name__)
 
 EXPIRES = "clock_timestamp() + make_interval(secs => %s)"
+# Rows of holds expired this long ago are deleted by any replica's heartbeat (a replica that died
+# never released them); long enough that no replica still streaming could be waiting to renew one.
+FORGOTTEN = "1 hour"
 
 
 class Ownership:
@@ -124,6 +128,8 @@ class Ownership:
         conn.execute(
             "DELETE FROM shard_owners WHERE replica = %s AND NOT (token = ANY(%s))", (self.replica, keep)
         )
+        # Holds of replicas that died long ago: an expired hold is free anyway, the row only takes room.
+        conn.execute(f"DELETE FROM shard_owners WHERE expires < clock_timestamp() - interval '{FORGOTTEN}'")
         with self._lock:
             for token in held:
                 if token not in renewed and self._held.pop(token, None) is not None:

@@ -128,3 +128,19 @@ def test_a_version_1_database_is_upgraded_with_its_open_evaluation(postgres_url:
             assert conn.execute("SELECT version FROM evalstream_schema").fetchall() == [(LATEST,)]
     finally:
         store.close()
+
+
+def test_holds_of_replicas_dead_for_an_hour_are_forgotten(
+    replicas: list[PostgresStore], postgres_url: str
+) -> None:
+    a, _ = replicas
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for rank, ago in ((0, "2 hours"), (1, "1 minute")):
+            conn.execute(
+                "INSERT INTO shard_owners (evaluation_id, rank, replica, token, expires) "
+                f"VALUES ('e', %s, 'gone', 't', clock_timestamp() - interval '{ago}')",
+                (rank,),
+            )
+    a._run(a.ownership.renew_in)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT rank FROM shard_owners").fetchall() == [(1,)]
