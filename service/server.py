@@ -119,6 +119,7 @@ class Server:
             settings.store_synchronous,
             settings.store_policy(),
             settings.finalize_claim_s,
+            settings.shard_lease_s,
         )
         self.coordinator = Coordinator(self.store, settings, self.telemetry)
         # Replicas sharing a store finish each other's interrupted finalizes (service/sweeper.py).

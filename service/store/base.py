@@ -119,6 +119,9 @@ class ChunkCommit:
     nll_sum: float = 0.0
     correct: int = 0
     rejection: Rejection | None = None
+    # The digest of the chunk's received input (``service/digest.py``), kept to judge a re-sent
+    # sequence on any replica; None when the chunk was refused before it decoded.
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,11 @@ class Store(ABC):
     @abstractmethod
     def rejection(self, evaluation_id: str, rank: int, sequence: int) -> Rejection | None:
         """The stored rejection of a chunk, if it was refused."""
+
+    @abstractmethod
+    def chunk_digest(self, evaluation_id: str, rank: int, sequence: int) -> bytes | None:
+        """The digest a committed chunk (or refused one) was stored with; None if none was, or the
+        chunk rows are gone (dropped at finalize, when the shard is closed and takes nothing)."""
 
     @abstractmethod
     def close_shard(self, evaluation_id: str, rank: int) -> EvaluationRow:
