@@ -34,6 +34,7 @@ from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import Records
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
+from evalstream.service.finalizations import Waiters, finalized_in
 from evalstream.service.finalizer import Finalizer
 from evalstream.service.leases import Lease, LeaseTable
 from evalstream.service.recovery import recover
@@ -133,8 +134,16 @@ class Coordinator:
             track=self._track,
         )
         self._leases = LeaseTable(settings.max_open_shards, settings.max_open_shards_per_connection)
+        # GetEvaluation long polls, woken by this server's finalizes and the store's listener.
+        self.waiters = Waiters(lambda ids: self._in_io(finalized_in, store, ids), self.telemetry)
         self._finalizer = Finalizer(
-            store, self.engine_config, self.telemetry, self._in_io, self._in_worker, self._track
+            store,
+            self.engine_config,
+            self.telemetry,
+            self._in_io,
+            self._in_worker,
+            self._track,
+            announce=self.waiters.announce,
         )
 
     # -- engine -------------------------------------------------------------------------------
