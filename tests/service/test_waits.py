@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,9 +48,9 @@ def waiting(server: BackgroundServer) -> int:
     return server.server.coordinator.waiters.waiting()
 
 
-def until(what: str, check: object, timeout: float = PATIENCE_S) -> None:
+def until(what: str, check: Callable[[], bool], timeout: float = PATIENCE_S) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
@@ -133,12 +133,12 @@ def test_result_is_one_long_poll_when_the_other_rank_closes_later(waiting_server
             run=RUN, model=MODEL, split=SPLIT, rank=0, world_size=2, num_classes=NUM_CLASSES
         ) as ev:
             ev.add(mine.scores, mine.labels, sample_ids=mine.ids)
-        closer = threading.Thread(
-            target=lambda: (
-                until("result() to wait", lambda: waiting(waiting_server) == 1),
-                stream_shard(channel, 1, 2, theirs, 30, NUM_CLASSES),
-            )
-        )
+
+        def close_the_other_rank() -> None:
+            until("result() to wait", lambda: waiting(waiting_server) == 1)
+            stream_shard(channel, 1, 2, theirs, 30, NUM_CLASSES)
+
+        closer = threading.Thread(target=close_the_other_rank)
         closer.start()
         try:
             done = ev.result(timeout=PATIENCE_S)
