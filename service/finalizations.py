@@ -29,12 +29,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
 from evalstream.service.store.base import Store
-from evalstream.service.telemetry import Telemetry
+from evalstream.service.telemetry import WAIT_OUTCOMES, Telemetry
 
 log = logging.getLogger(__name__)
 
-NOTIFIED, POLLED, TIMEOUT = "notified", "polled", "timeout"
-OUTCOMES = (NOTIFIED, POLLED, TIMEOUT)
+NOTIFIED, POLLED, TIMEOUT = WAIT_OUTCOMES
 # How often waiters' evaluations are checked in the store while no listener is connected.
 DEFAULT_POLL_S = 0.5
 
@@ -82,8 +81,6 @@ class Waiters:
     def __init__(self, check: CheckFinalized, telemetry: Telemetry, poll_s: float = DEFAULT_POLL_S) -> None:
         self._check = check
         self._telemetry = telemetry
-        for outcome in OUTCOMES:  # born at 0, so rate() sees the first of each
-            telemetry.waits.labels(outcome=outcome)
         self.poll_s = poll_s
         self._lock = threading.Lock()
         self._waits: dict[str, set[Wait]] = {}

@@ -49,6 +49,9 @@ REJECTION_REASONS = (
     "ties_out_of_range",
 )
 
+# How a GetEvaluation long poll ended (service/finalizations.py).
+WAIT_OUTCOMES = ("notified", "polled", "timeout")
+
 # Where a shard's scores are reduced (OpenShard.reduce); the byte counter is split by it.
 REDUCE_MODES = ("server", "client")
 
@@ -109,7 +112,6 @@ class Telemetry:
             buckets=_FINALIZE_BUCKETS,
             registry=r,
         )
-        # Labels born at 0 by service/finalizations.py (notified, polled, timeout).
         self.waits = Counter(
             "evalstream_waits",
             "GetEvaluation long polls that waited, by how they ended: notified (a finalization was "
@@ -117,6 +119,8 @@ class Telemetry:
             ["outcome"],
             registry=r,
         )
+        for outcome in WAIT_OUTCOMES:  # born at 0, so rate() sees the first of each
+            self.waits.labels(outcome=outcome)
         self.waiting = Gauge(
             "evalstream_waits_in_progress", "GetEvaluation long polls waiting now", registry=r
         )
