@@ -36,6 +36,7 @@ from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine import Records
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
+from evalstream.service.finalizations import Waiters, finalized_in
 from evalstream.service.finalizer import Finalizer
 from evalstream.service.leases import Lease, LeaseTable, OwningStore, SharedHolds
 from evalstream.service.recovery import recover
@@ -137,8 +138,16 @@ class Coordinator:
         self._leases = LeaseTable(settings.max_open_shards, settings.max_open_shards_per_connection)
         # Replicas sharing a database: a rank's hold is also kept there (service/store/postgres_ownership.py).
         self._holds = SharedHolds(store, self._in_io, self._track) if isinstance(store, OwningStore) else None
+        # GetEvaluation long polls, woken by this server's finalizes and the store's listener.
+        self.waiters = Waiters(lambda ids: self._in_io(finalized_in, store, ids), self.telemetry)
         self._finalizer = Finalizer(
-            store, self.engine_config, self.telemetry, self._in_io, self._in_worker, self._track
+            store,
+            self.engine_config,
+            self.telemetry,
+            self._in_io,
+            self._in_worker,
+            self._track,
+            announce=self.waiters.announce,
         )
 
     # -- engine -------------------------------------------------------------------------------

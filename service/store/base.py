@@ -15,8 +15,9 @@ construction (``StorePolicy``), so every backend applies the same ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from evalstream.service.store.errors import SequenceConflict
 
@@ -24,6 +25,12 @@ OPEN = "open"
 FINALIZED = "finalized"
 # The reason a chunk is refused when it would take its evaluation over max_samples_per_evaluation.
 TOO_LARGE = "evaluation_too_large"
+
+
+class Closeable(Protocol):
+    """Something running that the store's owner stops (a finalization listener)."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,16 @@ class Store(ABC):
     @abstractmethod
     def latest_finalized(self) -> list[EvaluationRow]:
         """The latest finalized evaluation per (run, model, split), newest first (the exporter reads it)."""
+
+    def finalization_listener(
+        self, announce: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> Closeable | None:
+        """Where other processes finalize this store's evaluations too (replicas), start relaying
+        each committed finalization's id to ``announce``, and the listener's connection state to
+        ``connected`` (``service/finalizations.py``); the running listener, to close. None (the
+        default) where only this process finalizes: its own finalizer's announcements are complete.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None:

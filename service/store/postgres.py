@@ -17,7 +17,7 @@ lock or a conditional statement here, so it holds across replicas:
   claim (``postgres_claims.py``) the update is also conditioned on the claim's
   epoch, so a finalizer that lost its claim changes nothing.
 - A finalize sends ``NOTIFY evalstream_finalized`` in its transaction: waiters
-  on every replica hear it once, when (and only if) it commits.
+  on every replica hear it once, when (and only if) it commits (``postgres_listen.py``).
 - One live stream per rank across replicas: a hold in ``shard_owners``, taken at
   open, renewed by a heartbeat, released at stream end (``postgres_ownership.py``).
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 
@@ -51,6 +51,7 @@ from evalstream.service.store.base import (
 from evalstream.service.store.errors import SequenceConflict
 from evalstream.service.store.postgres_claims import Claims
 from evalstream.service.store.postgres_leader import ExporterLease
+from evalstream.service.store.postgres_listen import CHANNEL, FinalizationListener
 from evalstream.service.store.postgres_ownership import Ownership
 from evalstream.service.store.postgres_reads import NOW, PostgresReads, Row, eval_in, make_pool, shard_in
 from evalstream.service.store.postgres_schema import LATEST, migrate
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 # Merged records are stored in pieces of this size: far below the 1 GB bytea limit, small enough
 # that neither side of the connection holds one value of a huge evaluation in one buffer twice.
 PIECE_BYTES = 16 << 20
-# Finalizations are announced on this channel; the payload is the evaluation id.
-CHANNEL = "evalstream_finalized"
 DEFAULT_POOL_SIZE = 20
 # How long a finalizer's claim lives without renewal: the delay before another replica takes over the
 # finalize of a replica that died or stalled. Renewed every third of it while the finalizer works.
@@ -97,6 +96,12 @@ class PostgresStore(PostgresReads, Store):
         self.exporter = ExporterLease(url)
         self.ownership = Ownership(shard_lease_s)
         self.ownership.start(lambda: self._run(self.ownership.renew_in))
+
+    def finalization_listener(
+        self, announce: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> FinalizationListener:
+        """Other replicas finalize too: their NOTIFYs reach this one's waiters (``postgres_listen.py``)."""
+        return FinalizationListener(self.url, announce, connected)
 
     def exports_evaluations(self) -> bool:
         """Whether this replica is the one exporting evaluation gauges (``postgres_leader.py``)."""
