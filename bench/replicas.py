@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     from tests.support.postgres import running_postgres
 
+    if args.reduce == "client":
+        # Imported here, once: the client imports torch lazily, and four rank threads doing that
+        # at the same moment can see a partly initialized module.
+        import torch  # noqa: F401
+
     rng = np.random.default_rng(0)
     batches = [
         (
