@@ -163,9 +163,13 @@ class Costs:
         return snap
 
     @staticmethod
-    def per_sample(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+    def per_sample(
+        before: dict[str, float], after: dict[str, float], seconds: float, wall: float | None = None
+    ) -> dict[str, Any]:
+        """Per sample; ``seconds`` the rates' time base, ``wall`` (default: between the snapshots) the
+        time commits in flight and busy cores are averaged over."""
         d = {k: after[k] - before[k] for k in before}
-        n, wall = d["samples"], d["wall"]
+        n, wall = d["samples"], wall or d["wall"]
         out: dict[str, Any] = {
             "client_us": 1e6 * d["client_cpu"] / n,
             "servers_us": 1e6 * d["server_cpu"] / n,
@@ -269,19 +273,26 @@ def stores_alone(args: argparse.Namespace, pg: Any, url: str) -> list[dict[str, 
     return rows_out
 
 
-# How PostgreSQL stores the records' bytea values (``--pg-storage``): its default compresses every
-# value over ~2 kB with pglz in the inserting backend; "external" stores them uncompressed
-# (out of line, no compression), "lz4" compresses with lz4. Applied to the bench database only,
-# after the servers created the schema; it changes values stored from then on.
+# How PostgreSQL stores the records' bytea values (``--pg-storage``), applied to the bench database
+# after the servers created the schema (it changes values stored from then on): "schema" as the
+# schema leaves it; "pglz" PostgreSQL's own default (EXTENDED storage: every value over ~2 kB is
+# compressed with pglz in the inserting backend, and stored uncompressed when that saves < 25%);
+# "external" out of line, never compressed; "lz4" compressed with lz4.
 PG_STORAGE = {
-    "default": (),
-    "external": (
-        "ALTER TABLE chunks ALTER COLUMN records SET STORAGE EXTERNAL",
-        "ALTER TABLE final_records ALTER COLUMN data SET STORAGE EXTERNAL",
+    "schema": (),
+    "pglz": tuple(
+        f"ALTER TABLE {t} ALTER COLUMN {c} SET {what}"
+        for t, c in (("chunks", "records"), ("final_records", "data"))
+        for what in ("STORAGE EXTENDED", "COMPRESSION pglz")
     ),
-    "lz4": (
-        "ALTER TABLE chunks ALTER COLUMN records SET COMPRESSION lz4",
-        "ALTER TABLE final_records ALTER COLUMN data SET COMPRESSION lz4",
+    "external": tuple(
+        f"ALTER TABLE {t} ALTER COLUMN {c} SET STORAGE EXTERNAL"
+        for t, c in (("chunks", "records"), ("final_records", "data"))
+    ),
+    "lz4": tuple(
+        f"ALTER TABLE {t} ALTER COLUMN {c} SET {what}"
+        for t, c in (("chunks", "records"), ("final_records", "data"))
+        for what in ("STORAGE EXTENDED", "COMPRESSION lz4")
     ),
 }
 
@@ -295,6 +306,55 @@ def set_pg_storage(url: str, storage: str) -> None:
 
 
 # -- the load -----------------------------------------------------------------------------------------
+
+
+def run_records_ingest(
+    targets: Sequence[str], args: argparse.Namespace, costs: Costs, step: int
+) -> dict[str, Any]:
+    """The records path at the servers' capacity: ``args.ranks`` client processes (rank r to
+    target r % 3) send ``args.records_ingest`` precomputed ~1 MiB RecordsChunk messages each
+    (``bench.records``' worker: real engine records, a window of 32 unacknowledged messages, no
+    engine on the client while sending), so nothing but gRPC, validation and the commit is timed.
+    The ranks open their shards and build their message first, then start together; rates from
+    the first message to the last acknowledgement; costs over that span, before the closes (the
+    close and finalize are timed on their own)."""
+    import multiprocessing as mp
+
+    from bench.records import _ingest_worker
+
+    ctx = mp.get_context("spawn")
+    out, close_now, go = ctx.Queue(), ctx.Event(), ctx.Event()
+    load_average = os.getloadavg()[0]
+    procs = [
+        ctx.Process(
+            target=_ingest_worker,
+            args=(targets[r % len(targets)], r, args.ranks, step, args.records_ingest, out, close_now, go),
+        )
+        for r in range(args.ranks)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:  # every rank's shard is open and its message built
+        out.get(timeout=900)
+    before = costs.snapshot()
+    go.set()
+    parts = [out.get(timeout=900) for _ in procs]
+    after = costs.snapshot()
+    close_now.set()
+    closes = [out.get(timeout=900) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    seconds = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    samples = sum(p["samples"] for p in parts)
+    spent = Costs.per_sample(before, after, seconds, wall=seconds)
+    del spent["client_us"]  # the clients are other processes here
+    return {
+        "load_average": load_average,
+        "samples": samples,
+        "samples_per_s": samples / seconds,
+        **spent,
+        "close_finalize_s": max(c["closed"] for c in closes) - max(p["end"] for p in parts),
+    }
 
 
 def run_load(
@@ -346,8 +406,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--classes", type=int, default=500)
     p.add_argument("--reduce", choices=("server", "client"), default="server")
     p.add_argument("--store-commits", type=int, default=100, help="commits of the store-alone part (0: skip)")
-    p.add_argument("--pg-storage", choices=sorted(PG_STORAGE), default="default")
+    p.add_argument("--pg-storage", choices=sorted(PG_STORAGE), default="schema")
     p.add_argument("--store-only", action="store_true", help="only the store-alone part")
+    p.add_argument(
+        "--records-ingest", type=int, default=0, help="precomputed ~1 MiB records messages a rank (0: skip)"
+    )
     args = p.parse_args(argv)
     from tests.support.postgres import running_postgres
 
@@ -366,9 +429,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     overrides = {"engine_backend": "eager", "retention_keep_latest": 0}
     results: dict[str, Any] = {}
+    ingest: dict[str, Any] = {}
     if not args.store_only:
         with ServerProcess(**overrides) as single:
             results["1 server, SQLite"] = run_load([single.target], args, batches, Costs([single]))
+            if args.records_ingest:
+                ingest["1 server, SQLite"] = run_records_ingest([single.target], args, Costs([single]), 0)
     with running_postgres() as pg:
         url = pg.create_database("bench")
         if args.store_only:
@@ -383,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 costs = Costs(servers, pg, url)
                 targets = [s.target for s in servers]
                 results["3 replicas, PostgreSQL"] = run_load(targets, args, batches, costs)
+                if args.records_ingest:
+                    ingest["3 replicas, PostgreSQL"] = run_records_ingest(targets, args, costs, 0)
             finally:
                 for s in servers:
                     s.close()
@@ -401,15 +469,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         columns = ["commits", "commit_ms", "commits_in_flight", "write_xacts", "wal_bytes_per_sample"]
         print(table(rows, ["setup", *columns, "cores_busy"]))
+    ingested: list[dict[str, Any]] = []
+    if ingest:
+        base = ingest["1 server, SQLite"]["samples_per_s"]
+        ingested = [{"setup": name, **r, "ratio": r["samples_per_s"] / base} for name, r in ingest.items()]
+        print(f"records ingest, precomputed, {args.ranks} ranks x {args.records_ingest} messages")
+        columns = ["samples", "samples_per_s", "ratio", "records_MB_s", "servers_us", "postgres_us"]
+        print(table(ingested, ["setup", *columns, "close_finalize_s"]))
+        columns = ["commits", "commit_ms", "commits_in_flight", "wal_bytes_per_sample", "cores_busy"]
+        print(table(ingested, ["setup", *columns]))
     if alone:
         columns = ["record_bytes", "commit_ms", "python_ms", "postgres_ms", "wal_per_record_byte", "MB_s"]
         print(f"store alone, pg storage {args.pg_storage}")
         print(table(alone, ["store", "chunk", "samples", *columns, "samples_per_s"]))
-    payload = {"args": vars(args), "results": rows, "store_alone": alone}
+    payload = {"args": vars(args), "results": rows, "records_ingest": ingested, "store_alone": alone}
     name = "replicas" if args.reduce == "server" else "replicas-client"
     if args.store_only:
         name = f"replicas-store-{args.pg_storage}"
-    elif args.pg_storage != "default":
+    elif args.pg_storage != "schema":
         name += f"-{args.pg_storage}"
     write_json(name, payload)
     return payload
