@@ -16,7 +16,7 @@ from evalstream.service.store.postgres import PostgresStore
 def test_records_columns_are_stored_external_and_stay_uncompressed(postgres_url: str) -> None:
     PostgresStore(postgres_url).close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        storage = dict(
+        storage: dict[str, str] = dict(
             conn.execute(
                 "SELECT c.relname || '.' || a.attname, a.attstorage FROM pg_attribute a "
                 "JOIN pg_class c ON c.oid = a.attrelid "
