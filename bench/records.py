@@ -43,10 +43,12 @@ WINDOW = 32
 
 
 def _ingest_worker(
-    target: str, rank: int, world: int, step: int, messages: int, out: Any, close_now: Any
+    target: str, rank: int, world: int, step: int, messages: int, out: Any, close_now: Any, go: Any = None
 ) -> None:
     """Child process: one shard streaming ``messages`` precomputed RecordsChunk requests; reports when
-    all are acknowledged, then closes (finalizing the evaluation) once ``close_now`` is set."""
+    all are acknowledged, then closes (finalizing the evaluation) once ``close_now`` is set. With
+    ``go`` (an Event), it reports ``{"ready": rank}`` once its message is built and sends only once
+    ``go`` is set, so the ranks start together."""
     import grpc
     import numpy as np
     import torch
@@ -104,6 +106,9 @@ def _ingest_worker(
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    if go is not None:
+        out.put({"ready": rank})
+        go.wait()
     start = time.perf_counter()
     for seq in range(messages):
         window.acquire()

@@ -29,6 +29,14 @@ The layout, and why:
 - ``shard_owners`` holds which live stream (replica, token) owns a rank, with an
   expiry on the database clock: a second stream for the rank on any replica is
   refused while it lives (``postgres_ownership.py``).
+- Records (``chunks.records``, ``final_records.data``) are compressed with lz4
+  (version 3), or stored ``EXTERNAL`` (out of line, never compressed) by a
+  server built without it. PostgreSQL's default compresses every value over
+  ~2 kB with pglz in the committing backend, and per-sample records (float
+  columns, ascending ids) do not shrink by the 25% pglz asks for, so it paid
+  ~20 ms of CPU per MB to store them uncompressed anyway: 6x the database's CPU
+  a sample. lz4 costs what EXTERNAL costs and writes 24% less WAL
+  (``bench.replicas``, bench/RESULTS.md). Values stored before keep theirs.
 """
 
 from __future__ import annotations
@@ -43,6 +51,20 @@ log = logging.getLogger(__name__)
 
 # Any constant works as long as every replica uses the same one: "evalstre" in ASCII.
 MIGRATION_LOCK = 0x6576616C73747265
+
+
+def records_storage(method: str = "lz4") -> str:
+    """The records columns compressed with ``method`` where the server has it (its
+    ``default_toast_compression`` lists it), else stored EXTERNAL; a parameter only so a test can
+    take the other branch on a server that has lz4."""
+    columns = (("chunks", "records"), ("final_records", "data"))
+    compressed = " ".join(f"ALTER TABLE {t} ALTER COLUMN {c} SET COMPRESSION {method};" for t, c in columns)
+    external = " ".join(f"ALTER TABLE {t} ALTER COLUMN {c} SET STORAGE EXTERNAL;" for t, c in columns)
+    return (
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' "
+        f"AND '{method}' = ANY(enumvals)) THEN {compressed} ELSE {external} END IF; END $$"
+    )
+
 
 V1 = (
     """CREATE TABLE evaluations (
@@ -101,8 +123,11 @@ V2 = (
     "CREATE INDEX shard_owners_replica ON shard_owners (replica)",
 )
 
+# Version 3: records compressed with lz4, not pglz (see the module's docstring).
+V3 = (records_storage(),)
+
 # Applied in order: MIGRATIONS[i] takes a database from version i to version i + 1.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (V1, V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (V1, V2, V3)
 LATEST = len(MIGRATIONS)
 
 

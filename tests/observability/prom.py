@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -41,16 +41,21 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, every
 
 
 class Prometheus:
-    """``prometheus`` scraping one target every second, with the project's rules loaded."""
+    """``prometheus`` scraping one target or several every second, with the project's rules loaded.
 
-    def __init__(self, workdir: Path, target: str, scrape_interval: str = "1s") -> None:
+    Several targets are one job, as ``deploy/prometheus/prometheus.replicas.yml`` scrapes replicas:
+    each series carries its replica's address as the ``instance`` label.
+    """
+
+    def __init__(self, workdir: Path, target: str | Sequence[str], scrape_interval: str = "1s") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        targets = [target] if isinstance(target, str) else list(target)
         config = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "evalstream", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{"job_name": "evalstream", "static_configs": [{"targets": targets}]}],
         }
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))
