@@ -26,7 +26,6 @@ Where the work runs, so that ``add()`` never waits on a compile or a device:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +34,7 @@ import grpc
 from evalstream.client.errors import EvalStreamError
 from evalstream.client.tensors import HostBatch
 from evalstream.v1 import service_pb2
+from evalstream.wire import imported_torch
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ def choose_mode(reduce: str, num_classes: int, backend: str = "eager") -> str:
         raise ValueError(f'reduce must be "server", "client" or "auto", got {reduce!r}')
     if reduce != "auto":
         return reduce
-    torch = sys.modules.get("torch")
+    torch = imported_torch()
     if torch is not None and torch.cuda.is_available():
         return "client"
     compiled = backend == "compiled" or (backend == "auto" and _compiler_available())
@@ -264,5 +264,5 @@ def device_batch(scores: torch.Tensor, labels: Any, sample_ids: Any, num_classes
 
 
 def is_cuda_tensor(x: object) -> bool:
-    torch = sys.modules.get("torch")
+    torch = imported_torch()
     return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"

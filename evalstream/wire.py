@@ -110,13 +110,21 @@ SCORE_DTYPES = (DT.DATA_TYPE_FLOAT32, DT.DATA_TYPE_FLOAT16, DT.DATA_TYPE_BFLOAT1
 INDEX_DTYPES = (DT.DATA_TYPE_INT32, DT.DATA_TYPE_INT64)
 
 
-def _torch() -> Any:
-    """The torch module if the process has imported it, else None (never imported from here)."""
-    return sys.modules.get("torch")
+def imported_torch() -> Any:
+    """The torch module if the process has finished importing it, else None (never imported here).
+
+    A module another thread is still importing is in ``sys.modules`` half built (no ``Tensor``
+    or ``cuda`` yet): it counts as not imported, which is true of every value a caller can hold,
+    since no tensor exists before torch's import completes.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None
+    return torch
 
 
 def is_tensor(x: object) -> bool:
-    torch = _torch()
+    torch = imported_torch()
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -130,8 +138,8 @@ def host_array(x: Any) -> npt.NDArray[Any]:
     if not is_tensor(x):
         a = np.asarray(x)
         return a.view(np.int16) if a.dtype.name == "bfloat16" else a  # e.g. ml_dtypes.bfloat16
-    if x.dtype == _torch().bfloat16:
-        x = x.view(_torch().int16)
+    if x.dtype == imported_torch().bfloat16:
+        x = x.view(imported_torch().int16)
     view: npt.NDArray[Any] = x.numpy()
     return view
 

@@ -156,3 +156,37 @@ def test_the_wire_module_needs_no_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_values_are_judged_while_another_thread_imports_torch() -> None:
+    """A half-imported torch (another thread inside ``import torch``) is treated as not imported.
+
+    Ranks started on threads used to fail here with "partially initialized module 'torch' has no
+    attribute 'Tensor'" when one thread's first ``add()`` of a tensor imported torch while another
+    thread's ``add()`` of a numpy array asked whether its value was a tensor.
+    """
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        import numpy as np
+        from evalstream import wire
+        from evalstream.client.reduce import choose_mode, is_cuda_tensor
+
+        importer = threading.Thread(target=lambda: __import__("torch"))
+        importer.start()
+        scores, checks, half_built = np.ones((2, 3), "<f4"), 0, 0
+        while importer.is_alive():
+            module = sys.modules.get("torch")
+            half_built += module is not None and not hasattr(module, "cuda")
+            assert not wire.is_tensor(scores) and not is_cuda_tensor(scores)
+            assert choose_mode("auto", 10, "eager") == "server"
+            checks += 1
+        importer.join()
+        import torch
+        assert wire.is_tensor(torch.zeros(1)) and checks > 0
+        print(half_built)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) > 0, "the checks never ran while torch was half imported"
