@@ -31,9 +31,10 @@ from typing import Any
 
 from evalstream.service.commit import ChunkOutcome, Committer, Pending
 from evalstream.service.decode import DecodedChunk
-from evalstream.service.engine import ChunkError, Records
+from evalstream.service.engine import ChunkError
 from evalstream.service.errors import FailedPrecondition
 from evalstream.service.leases import Lease
+from evalstream.service.records_wire import Received
 from evalstream.service.reduction import Part, Reduction
 from evalstream.service.staging import StagingBlock, StagingBudget, StagingPool
 from evalstream.service.telemetry import Telemetry
@@ -41,6 +42,8 @@ from evalstream.service.telemetry import Telemetry
 # A staged block is reduced after this long without a new chunk; a streaming client sends the
 # next chunk well within it.
 FLUSH_DELAY_S = 0.005
+# At most this many chunks (of queued items already reduced) commit in one store transaction.
+MERGE_CHUNKS = 64
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class ShardWriter:
             self.flush()
         return outcome
 
-    def submit_records(self, sequence: int, decode: Callable[[], Records]) -> asyncio.Future[ChunkOutcome]:
+    def submit_records(self, sequence: int, decode: Callable[[], Received]) -> asyncio.Future[ChunkOutcome]:
         """Take one RecordsChunk (records a client reduced): the sequence rules of ``submit``; the
         records are validated on a worker thread and committed in order like any chunk."""
         lease = self._lease
@@ -205,7 +208,7 @@ class ShardWriter:
         lease, reduction = self._lease, self._shared.reduction
         return [await self._shared.in_worker(reduction.chunk, lease.num_classes, lease.score_kind, chunk)]
 
-    async def _reduce_records(self, decode: Callable[[], Records]) -> list[Part]:
+    async def _reduce_records(self, decode: Callable[[], Received]) -> list[Part]:
         return [await self._shared.in_worker(self._shared.reduction.records, decode)]
 
     async def _reduce_block(self, block: StagingBlock) -> list[Part]:
@@ -234,9 +237,26 @@ class ShardWriter:
             self._drainer = self._shared.track(asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
-        """Commit the queued items one at a time, front first (the only place that commits)."""
+        """Commit the queued items in order, front first (the only place that commits).
+
+        Once the front item is reduced, the items behind it whose reductions have already finished
+        join its commit (up to ``MERGE_CHUNKS`` chunks): one store transaction and one trip through
+        the store's threads for all of them. A stream the store keeps up with commits one item at a
+        time as before; one that runs ahead of the store (records messages arrive far faster than
+        a transaction of ~1 MiB commits) is committed in groups, so per-transaction work does not
+        grow with the message rate. Order is unchanged: only a run of consecutive items merges."""
         while self._queue:
-            await self._run(self._queue.popleft())
+            work = self._queue.popleft()
+            if work.parts is not None:
+                await asyncio.wait([work.parts])
+                while (
+                    self._queue
+                    and len(work.sequences) < MERGE_CHUNKS
+                    and _ready(work)
+                    and _ready(self._queue[0])
+                ):
+                    work = _merged(work, self._queue.popleft())
+            await self._run(work)
 
     async def _run(self, work: _Work) -> None:
         lease, committer = self._lease, self._shared.committer
@@ -258,6 +278,23 @@ class ShardWriter:
                     outcome.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+
+
+def _ready(work: _Work) -> bool:
+    """Reduced without an error: its parts can join another item's commit."""
+    parts = work.parts
+    return parts is not None and parts.done() and not parts.cancelled() and parts.exception() is None
+
+
+def _merged(first: _Work, second: _Work) -> _Work:
+    """Two consecutive reduced items as one (committed in one transaction, answered as before)."""
+    assert first.parts is not None and second.parts is not None
+    return _Work(
+        first.sequences + second.sequences,
+        first.num_bytes + second.num_bytes,
+        first.outcomes + second.outcomes,
+        _done(first.parts.result() + second.parts.result()),
+    )
 
 
 def _outcome_future() -> asyncio.Future[ChunkOutcome]:
