@@ -101,10 +101,10 @@ class Checkpointer:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")  # a checkpoint syncs as the writer would
             while True:
                 self._wanted.wait()
+                self._wanted.clear()  # close() sets _closed before the event: seen below either way
                 if self._closed:
                     break
                 time.sleep(CHECKPOINT_INTERVAL_S)  # let commits gather: one checkpoint (two syncs) for them
-                self._wanted.clear()
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:
