@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import atheris
 
@@ -99,12 +100,13 @@ def _records(msg: RawRecords | service_pb2.RecordsChunk) -> None:
         raise AssertionError("the blob made from the received columns is not the records' to_bytes")
 
 
-def decode_records_unchecked(msg: RawRecords | service_pb2.RecordsChunk) -> dict[str, object]:
+def decode_records_unchecked(msg: RawRecords | service_pb2.RecordsChunk) -> dict[str, Any]:
     """The columns of a message that passed the framing checks, without the value checks."""
     import numpy as np
 
     data = memoryview(msg.columns)
-    rows, offset, arrays = int(msg.rows), 0, {}
+    rows, offset = int(msg.rows), 0
+    arrays: dict[str, Any] = {}
     if msg.layout_version != LAYOUT.version or rows > MAX_ROWS or len(data) != rows * LAYOUT.record_bytes:
         raise ChunkError("framing", "refused before the value checks")
     for c in LAYOUT.columns:
