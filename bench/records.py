@@ -125,7 +125,11 @@ def _ingest_worker(
     channel.close()
 
 
-def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float) -> list[dict[str, Any]]:
+def ingest(
+    samples: int, repeats: int, worlds: list[int], ceiling_seconds: float, settle_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Ingest capacity per stream count. ``settle_s``: a pause after each run's finalize, so the store's
+    reclaim of that evaluation's chunks (a finalize frees them) does not run during the next run."""
     from evalstream.service.engine import EngineConfig
     from evalstream.service.records_wire import layout_for
 
@@ -160,6 +164,7 @@ def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float
                     for p in procs:
                         p.join(60)
                     step += 1
+                    time.sleep(settle_s)
                     n = sum(p["samples"] for p in parts)
                     elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
                     if rep == 0:
@@ -183,6 +188,8 @@ def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float
                         "close+finalize s": statistics.median(finals),
                         "server RSS after ingest MiB": max(rss),
                         "server peak RSS MiB": peak_rss_bytes(server.pid) / MIB,
+                        "runs samples/s": rates,
+                        "runs server cpu us/sample": cpu,
                     }
                 )
     finally:
@@ -440,6 +447,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ingest-samples", type=int, default=2_000_000, help="records per ingest run")
     ap.add_argument("--ingest-streams", default="1,2")
+    ap.add_argument(
+        "--ingest-settle", type=float, default=0.0, help="seconds to wait after each ingest run's finalize"
+    )
     ap.add_argument("--e2e-mib", type=int, default=256, help="score bytes per end-to-end run")
     ap.add_argument("--add-batches", type=int, default=8)
     ap.add_argument("--device", default="cpu", help='where the end-to-end scores live: "cpu" or "cuda"')
@@ -457,8 +467,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if "ingest" in parts:
         worlds = [int(w) for w in args.ingest_streams.split(",")]
-        result["ingest"] = ingest(args.ingest_samples, args.repeats, worlds, 1.5)
-        print(table(result["ingest"], list(result["ingest"][0])))
+        result["ingest"] = ingest(args.ingest_samples, args.repeats, worlds, 1.5, args.ingest_settle)
+        print(table(result["ingest"], [k for k in result["ingest"][0] if not k.startswith("runs ")]))
     if "e2e" in parts:
         cases = [(int(c), d) for c, d in (x.split(":") for x in args.cases.split(",") if x)]
         modes = [(r, b, cp == "1") for r, b, cp in (x.split(":") for x in args.modes.split(",") if x)]
