@@ -35,15 +35,17 @@ from evalstream.service.engine import ChunkError
 from evalstream.service.errors import FailedPrecondition
 from evalstream.service.leases import Lease
 from evalstream.service.records_wire import Received
-from evalstream.service.reduction import Part, Reduction
+from evalstream.service.reduction import Part, Reduced, Reduction
 from evalstream.service.staging import StagingBlock, StagingBudget, StagingPool
 from evalstream.service.telemetry import Telemetry
 
 # A staged block is reduced after this long without a new chunk; a streaming client sends the
 # next chunk well within it.
 FLUSH_DELAY_S = 0.005
-# At most this many chunks (of queued items already reduced) commit in one store transaction.
+# Queued items already reduced commit together up to this many chunks and this many bytes of records
+# (a transaction much larger than the store's page cache spills pages before it commits).
 MERGE_CHUNKS = 64
+MERGE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -239,22 +241,18 @@ class ShardWriter:
     async def _drain(self) -> None:
         """Commit the queued items in order, front first (the only place that commits).
 
-        Once the front item is reduced, the items behind it whose reductions have already finished
-        join its commit (up to ``MERGE_CHUNKS`` chunks): one store transaction and one trip through
-        the store's threads for all of them. A stream the store keeps up with commits one item at a
-        time as before; one that runs ahead of the store (records messages arrive far faster than
-        a transaction of ~1 MiB commits) is committed in groups, so per-transaction work does not
-        grow with the message rate. Order is unchanged: only a run of consecutive items merges."""
+        Once the front item is reduced, the items behind it whose reductions have already
+        finished join its commit (up to ``MERGE_CHUNKS`` chunks and ``MERGE_BYTES``): one store
+        transaction and one trip through the store's threads for all of them. A stream the store
+        keeps up with commits one item at a time as before; one that runs ahead of the store
+        (records messages arrive far faster than a transaction of ~1 MiB commits) is committed
+        in groups, so per-transaction work does not grow with the message rate. Order is
+        unchanged: only a run of consecutive items merges, each chunk answered as before."""
         while self._queue:
             work = self._queue.popleft()
             if work.parts is not None:
                 await asyncio.wait([work.parts])
-                while (
-                    self._queue
-                    and len(work.sequences) < MERGE_CHUNKS
-                    and _ready(work)
-                    and _ready(self._queue[0])
-                ):
+                while self._queue and _ready(work) and _ready(self._queue[0]) and _room(work):
                     work = _merged(work, self._queue.popleft())
             await self._run(work)
 
@@ -284,6 +282,13 @@ def _ready(work: _Work) -> bool:
     """Reduced without an error: its parts can join another item's commit."""
     parts = work.parts
     return parts is not None and parts.done() and not parts.cancelled() and parts.exception() is None
+
+
+def _room(work: _Work) -> bool:
+    """Whether a reduced item may take in another: under both merge limits."""
+    assert work.parts is not None
+    size = sum(len(p.records or b"") for p in work.parts.result() if isinstance(p, Reduced))
+    return len(work.sequences) < MERGE_CHUNKS and size < MERGE_BYTES
 
 
 def _merged(first: _Work, second: _Work) -> _Work:
