@@ -16,4 +16,5 @@ BENCHMARKS: dict[str, str] = {
     "windows": "bench.windows",
     "records": "bench.records",
     "replicas": "bench.replicas",
+    "digest": "bench.digest",
 }

@@ -31,6 +31,10 @@ from evalstream.client.transport import (
 from evalstream.v1 import compare_pb2, evaluation_pb2, service_pb2, service_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
+# Longest wait one GetEvaluation asks for (a server cuts it to its max_wait_s); wait_for asks again.
+LONG_POLL_S = 30.0
+# A call held at least this long (or half its wait) was a long poll, not an answer at once.
+HELD_S = 0.5
 T = TypeVar("T")
 
 
@@ -171,13 +175,27 @@ class EvalClient:
     # ----------------------------------------------------------------- reads
 
     def get(
-        self, run: str, model: str, step: int | None = None, split: str = "", include_per_class: bool = False
+        self,
+        run: str,
+        model: str,
+        step: int | None = None,
+        split: str = "",
+        include_per_class: bool = False,
+        wait: float = 0.0,
     ) -> evaluation_pb2.Evaluation:
-        """One evaluation (the latest step when ``step`` is None), with its result once finalized."""
+        """One evaluation (the latest step when ``step`` is None), with its result once finalized.
+
+        ``wait``: seconds the server may hold the call for the evaluation to be finalized (a long
+        poll, cut to the server's ``max_wait_s``); it answers with the evaluation as it is then.
+        """
         request = service_pb2.GetEvaluationRequest(
             ref=_ref(run, model, split, step), include_per_class=include_per_class
         )
-        return self._unary("GetEvaluation", self._stub.GetEvaluation, request).evaluation
+        if wait > 0:
+            request.wait.FromNanoseconds(int(wait * 1e9))
+        return self._unary(
+            "GetEvaluation", self._stub.GetEvaluation, request, self.timeout + wait if wait > 0 else None
+        ).evaluation
 
     def list(
         self, run: str = "", model: str = "", split: str = "", limit: int | None = None
@@ -265,29 +283,39 @@ class EvalClient:
         timeout: float | None = None,
         poll_s: float = 0.05,
     ) -> evaluation_pb2.Evaluation:
-        """Poll until the evaluation is finalized; ``EvaluationTimeout`` after ``timeout`` seconds.
+        """Wait until the evaluation is finalized; ``EvaluationTimeout`` after ``timeout`` seconds.
 
-        A not-yet-existing evaluation is waited for too (other ranks may not
-        have opened their shards yet).
+        Each call is a long poll (GetEvaluation with ``wait``): the server answers as soon as the
+        evaluation is finalized on any replica, or after its ``max_wait_s`` with the evaluation
+        still open, and this asks again with what is left of ``timeout``. A server that answers at
+        once (one that predates long polls, or is shutting down) is polled instead, backing off
+        from ``poll_s`` to 1 s. A not-yet-existing evaluation is waited for too (other ranks may
+        not have opened their shards yet), by polling.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll_s
         last = "not found"
         while True:
+            wait = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
+            asked = time.monotonic()
+            held = False
             try:
-                evaluation = self.get(run, model, step=step, split=split)
+                evaluation = self.get(run, model, step=step, split=split, wait=max(wait, 0.0))
                 if evaluation.state == evaluation_pb2.EVALUATION_STATE_FINALIZED:
                     return evaluation
                 last = f"{evaluation.ranks_closed}/{evaluation.world_size} ranks closed"
+                # Held for (most of) the wait: the server long-polls, so ask again at once.
+                held = time.monotonic() - asked >= min(wait / 2, HELD_S)
             except EvalStreamError as exc:
                 if exc.code != grpc.StatusCode.NOT_FOUND:
                     raise
-            if deadline is not None and time.monotonic() + interval > deadline:
+            pause = 0.0 if held else interval
+            if deadline is not None and time.monotonic() + pause >= deadline:
                 raise EvaluationTimeout(
                     f"{run}/{model} step {step} not finalized within {timeout} s ({last})"
                 )
-            time.sleep(interval)
-            interval = min(1.0, interval * 1.5)
+            time.sleep(pause)
+            interval = poll_s if held else min(1.0, interval * 1.5)
 
     def _unary(self, name: str, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
         def once() -> T:

@@ -10,6 +10,12 @@ A sequence conflict means the store is ahead of the lease (a previous stream's
 commit of the same chunks landed late): the lease is brought up to the store,
 the chunks it already holds are answered as duplicates, and the rest of the
 batch is committed after them in one more transaction.
+
+A chunk below the committed sequence is a duplicate only if it is the same
+input: its digest (``service/digest.py``) is compared with the one stored at its
+first commit, by whichever replica made it. Other content under a committed
+sequence ends the stream with FAILED_PRECONDITION (retrying the same thing
+cannot help) and commits nothing more of it: the evaluation is left as it was.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evalstream.service.digest import same_input
 from evalstream.service.engine import ChunkError
-from evalstream.service.errors import Aborted, rejection_code
+from evalstream.service.errors import Aborted, FailedPrecondition, rejection_code
 from evalstream.service.leases import Lease
 from evalstream.service.reduction import Part, Reduced
 from evalstream.service.store.base import ChunkCommit, Rejection, Store, StoredChunk
 from evalstream.service.store.errors import SequenceConflict
 from evalstream.service.telemetry import Telemetry
+
+# The telemetry reason of a re-sent sequence whose content differs from the committed chunk.
+RESENT_DIFFERENT = "resent_different_content"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class Pending:
     num_bytes: int
     part: Part
     outcome: asyncio.Future[ChunkOutcome]
+    # The digest of the chunk's received input; None when it did not decode.
+    digest: bytes | None = None
 
 
 class Committer:
@@ -77,8 +89,10 @@ class Committer:
         each chunk's outcome as its transaction returns; a failure is left to the caller to answer."""
         rest = list(batch)
         while rest:
+            if lease.broken is not None:
+                raise lease.broken
             while rest and rest[0].sequence < lease.next_sequence:  # committed before (resynced below)
-                rest[0].outcome.set_result(await self.duplicate(lease, rest[0].sequence))
+                rest[0].outcome.set_result(await self.duplicate(lease, rest[0].sequence, rest[0].digest))
                 rest = rest[1:]
             if not rest:
                 break
@@ -91,13 +105,27 @@ class Committer:
                 raise RuntimeError("the store committed nothing of a non-empty batch and named no conflict")
             for pending, result in zip(rest, stored, strict=False):
                 if isinstance(result, SequenceConflict):
-                    pending.outcome.set_result(await self._resync(lease, result))
+                    pending.outcome.set_result(await self._resync(lease, result, pending.digest))
                     break
                 pending.outcome.set_result(self._outcome(lease, pending, result))
             rest = rest[len(stored) :]
 
-    async def duplicate(self, lease: Lease, sequence: int) -> ChunkOutcome:
-        """A chunk at or below the committed sequence: answered as before, counted once more as a retry."""
+    async def duplicate(self, lease: Lease, sequence: int, digest: bytes | None) -> ChunkOutcome:
+        """A chunk below the committed sequence: answered as before and counted once more as a retry
+        if it is the input committed then (``digest``); else the stream ends, changing nothing."""
+        if lease.broken is not None:
+            raise lease.broken
+        committed = await self._in_io(self._store.chunk_digest, lease.evaluation_id, lease.rank, sequence)
+        if not same_input(committed, digest):
+            self._telemetry.rejected_chunks.labels(reason=RESENT_DIFFERENT).inc()
+            lease.broken = FailedPrecondition(
+                f"chunk {sequence} of rank {lease.rank} of evaluation {lease.key.name} was committed before "
+                "with other content: a re-sent chunk must carry the data it carried the first time. "
+                f"Nothing of this stream was committed from chunk {sequence} on and the evaluation is "
+                f"unchanged; resend the original chunks from {sequence}, or stream different data as a new "
+                "evaluation (another step or model)"
+            )
+            raise lease.broken
         self._telemetry.duplicate_chunks.inc()
         stored = await self._in_io(self._store.rejection, lease.evaluation_id, lease.rank, sequence)
         rejection = None if stored is None else ChunkRejection.of(stored)
@@ -116,18 +144,22 @@ class Committer:
         self._telemetry.count_bytes(pending.part.mode, pending.part.num_bytes)
         return ChunkOutcome(shard.next_sequence, shard.samples)
 
-    async def _resync(self, lease: Lease, conflict: SequenceConflict) -> ChunkOutcome:
+    async def _resync(self, lease: Lease, conflict: SequenceConflict, digest: bytes | None) -> ChunkOutcome:
         """The store is ahead of the lease (a previous stream's commit landed late): it was a retry."""
         if conflict.got < conflict.expected:
             for shard in await self._in_io(self._store.shards, lease.evaluation_id):
                 if shard.rank == lease.rank:
                     lease.advance(shard)
-            return await self.duplicate(lease, conflict.got)
-        raise Aborted(f"rank {lease.rank} of {lease.key.name} changed under this stream; reopen it")
+            return await self.duplicate(lease, conflict.got, digest)
+        lease.broken = Aborted(f"rank {lease.rank} of {lease.key.name} changed under this stream; reopen it")
+        raise lease.broken
 
 
 def _commit_of(pending: Pending) -> ChunkCommit:
     part = pending.part
     if isinstance(part, ChunkError):
-        return ChunkCommit(pending.sequence, rejection=Rejection(pending.sequence, part.reason, part.message))
-    return ChunkCommit(pending.sequence, part.samples, part.records, part.nll_sum, part.correct)
+        rejection = Rejection(pending.sequence, part.reason, part.message)
+        return ChunkCommit(pending.sequence, rejection=rejection, digest=pending.digest)
+    return ChunkCommit(
+        pending.sequence, part.samples, part.records, part.nll_sum, part.correct, digest=pending.digest
+    )

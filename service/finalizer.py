@@ -6,13 +6,15 @@ result and the merged records replace the chunk rows in one store transaction.
 One finalize per evaluation runs at a time (a per-evaluation lock); a second
 caller gets the stored row. The work runs to its end even if the caller is
 cancelled (a dropped connection must not leave every rank closed and the
-evaluation open).
+evaluation open). Once the result is committed, the evaluation's waiters on this
+server are woken (``announce``, ``finalizations.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -38,6 +40,7 @@ class Finalizer:
         in_io: Callable[..., Awaitable[Any]],
         in_worker: Callable[..., Awaitable[Any]],
         track: Callable[[asyncio.Future[Any]], asyncio.Future[Any]],
+        announce: Callable[[str], None] = lambda evaluation_id: None,
     ) -> None:
         self._store = store
         self._config = config
@@ -45,6 +48,7 @@ class Finalizer:
         self._in_io = in_io
         self._in_worker = in_worker
         self._track = track
+        self._announce = announce
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def finalize_key(self, key: EvaluationKey) -> EvaluationRow:
@@ -70,11 +74,16 @@ class Finalizer:
         return out
 
     async def _finalize(self, row: EvaluationRow) -> EvaluationRow:
+        started = time.perf_counter()
         result, merged, num_samples = await self._in_worker(self._merge, row)
         finalized: EvaluationRow = await self._in_io(
             self._store.finalize, row.evaluation_id, result, merged, num_samples
         )
+        if not finalized.finalized:  # another replica's claim: it finalizes, and announces it
+            return finalized
+        self._announce(row.evaluation_id)
         self._telemetry.finalized.inc()
+        self._telemetry.finalize_seconds.observe(time.perf_counter() - started)
         log.info("finalized %s (%d samples)", row.key.name, num_samples)
         return finalized
 

@@ -3,7 +3,8 @@
 Rules it enforces (the servicer only translates messages), and the module that owns each:
 
 - One stream holds a rank at a time (a lease); a second open of the same rank
-  is ABORTED until the first stream ends (``leases.py``).
+  is ABORTED until the first stream ends (``leases.py``); with replicas on one
+  database, whichever replica the second stream reaches (``OwningStore``).
 - A stream's chunks are staged, reduced off the event loop, and committed in
   sequence order by the shard's one writer (``shard_writer.py``); a chunk is
   acknowledged only after its records and the shard's next sequence are
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +35,9 @@ from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
 from evalstream.service.decode import DecodedChunk
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
+from evalstream.service.finalizations import Waiters, finalized_in
 from evalstream.service.finalizer import Finalizer
-from evalstream.service.leases import Lease, LeaseTable
+from evalstream.service.leases import Lease, LeaseTable, OwningStore, SharedHolds
 from evalstream.service.records_wire import Received
 from evalstream.service.recovery import recover
 from evalstream.service.reduction import Reduction
@@ -133,8 +136,18 @@ class Coordinator:
             track=self._track,
         )
         self._leases = LeaseTable(settings.max_open_shards, settings.max_open_shards_per_connection)
+        # Replicas sharing a database: a rank's hold is also kept there (service/store/postgres_ownership.py).
+        self._holds = SharedHolds(store, self._in_io, self._track) if isinstance(store, OwningStore) else None
+        # GetEvaluation long polls, woken by this server's finalizes and the store's listener.
+        self.waiters = Waiters(lambda ids: self._in_io(finalized_in, store, ids), self.telemetry)
         self._finalizer = Finalizer(
-            store, self.engine_config, self.telemetry, self._in_io, self._in_worker, self._track
+            store,
+            self.engine_config,
+            self.telemetry,
+            self._in_io,
+            self._in_worker,
+            self._track,
+            announce=self.waiters.announce,
         )
 
     # -- engine -------------------------------------------------------------------------------
@@ -189,16 +202,22 @@ class Coordinator:
         self._check_open(request)
         slot = (request.key, request.rank)
         self._leases.reserve(slot, peer)  # held while the store answers
+        token = ""
         try:
             evaluation, shard = await self._in_io(self.store.open_shard, request)
-            if shard.closed:
-                self._leases.drop(slot, peer)
-                return Opened(None, evaluation, shard)
-            if evaluation.finalized:
+            if not shard.closed and evaluation.finalized:
                 raise FailedPrecondition(
                     f"{request.key.name} was finalized before rank {request.rank} closed its shard; "
                     "stream into a new step"
                 )
+            if not shard.closed and self._holds is not None:
+                token = uuid.uuid4().hex
+                shard = await self._holds.take(request.key, request.rank, evaluation.evaluation_id, token)
+            if shard.closed:  # closed before, or by the stream that held it until now
+                self._leases.drop(slot, peer)
+                if self._holds is not None:
+                    self._holds.give_back(evaluation.evaluation_id, request.rank, token)
+                return Opened(None, evaluation, shard)
         except BaseException:
             self._leases.drop(slot, peer)
             raise
@@ -214,6 +233,7 @@ class Coordinator:
             samples=shard.samples,
             chunks=shard.chunks,
             rejected=shard.rejected_chunks,
+            owner_token=token,
         )
         lease.writer = ShardWriter(lease, self._shared)
         self._leases.grant(lease)
@@ -245,7 +265,13 @@ class Coordinator:
             return
         writer = _writer(lease)
         writer.end()  # chunks already received commit; a resent one is then a duplicate
-        writer.when_settled(lambda: self._leases.drop(lease.slot, lease.peer))
+
+        def settled() -> None:
+            self._leases.drop(lease.slot, lease.peer)
+            if self._holds is not None:
+                self._holds.give_back(lease.evaluation_id, lease.rank, lease.owner_token)
+
+        writer.when_settled(settled)
 
     # -- chunks -------------------------------------------------------------------------------
 
@@ -259,6 +285,8 @@ class Coordinator:
         reduces, commits and answers it in order (see ``shard_writer.py``).
         Waits while both of the stream's blocks are busy (backpressure).
         """
+        if self._holds is not None:
+            self._holds.check(lease)
         return await _writer(lease).submit(sequence, decode)
 
     def submit_records(
@@ -266,6 +294,8 @@ class Coordinator:
     ) -> asyncio.Future[ChunkOutcome]:
         """Take one RecordsChunk (a client's records) and return its outcome's future; same sequence
         rules, commit path and acknowledgements as a chunk of scores (see ``shard_writer.py``)."""
+        if self._holds is not None:
+            self._holds.check(lease)
         return _writer(lease).submit_records(sequence, decode)
 
     async def chunk(self, lease: Lease, sequence: int, decode: Callable[[], DecodedChunk]) -> ChunkOutcome:
@@ -285,6 +315,8 @@ class Coordinator:
         writer = _writer(lease)
         writer.flush()
         await writer.settled()
+        if lease.broken is not None:
+            raise lease.broken
         if num_chunks != lease.next_sequence:
             raise FailedPrecondition(
                 f"close says {num_chunks} chunks were sent but rank {lease.rank} of {lease.key.name} has "

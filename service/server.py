@@ -36,6 +36,7 @@ from evalstream.service.ingest import Coordinator
 from evalstream.service.servicer import EvalStreamServicer, add_to_server
 from evalstream.service.settings import Settings
 from evalstream.service.status import FinalizedSource, ProgressSource, StoreFinalized
+from evalstream.service.store.base import Closeable
 from evalstream.service.store.url import open_store, redacted
 from evalstream.service.sweeper import ClaimingStore, FinalizeSweeper
 from evalstream.service.telemetry import MetricsEndpoint, Telemetry, serve_metrics, split_address
@@ -119,6 +120,7 @@ class Server:
             settings.store_synchronous,
             settings.store_policy(),
             settings.finalize_claim_s,
+            settings.shard_lease_s,
         )
         self.coordinator = Coordinator(self.store, settings, self.telemetry)
         # Replicas sharing a store finish each other's interrupted finalizes (service/sweeper.py).
@@ -127,6 +129,8 @@ class Server:
             if isinstance(self.store, ClaimingStore)
             else None
         )
+        # Replicas: finalizations on other replicas reach this one's waiters (store/postgres_listen.py).
+        self.listener: Closeable | None = None
         self.health = health_aio.HealthServicer()
         self.metrics: MetricsEndpoint | None = None
         self.port = 0
@@ -145,6 +149,11 @@ class Server:
         creds = auth.server_credentials(s)
         if s.torch_threads > 0:
             torch.set_num_threads(s.torch_threads)
+        waiters = self.coordinator.waiters
+        waiters.start()  # polls the store for waiters until a listener, if the store has one, connects
+        self.listener = self.store.finalization_listener(waiters.announce, waiters.listening)
+        if self.listener is None:
+            waiters.in_process_only()
         await self.coordinator.recover()
         compiled = self.coordinator.engine_backend == "compiled"
         # Looked up before the warm-up thread imports the compiler (two threads importing inductor race).
@@ -218,6 +227,7 @@ class Server:
         """Stop accepting, give open calls ``grace`` seconds, finish started commits, close the store."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self.coordinator.waiters.close()  # long polls answer now; their clients ask again elsewhere
         if self.sweeper is not None:
             await self.sweeper.stop()
         if self._grpc is not None:
@@ -225,6 +235,9 @@ class Server:
         await self.coordinator.drain()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.coordinator.close_executors)
+        if self.listener is not None:
+            await loop.run_in_executor(None, self.listener.close)
+            self.listener = None
         self.store.close()
         if self.metrics is not None:
             self.metrics.close()

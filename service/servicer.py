@@ -160,10 +160,25 @@ class EvalStreamServicer:
         self, request: service_pb2.GetEvaluationRequest, context: Context
     ) -> service_pb2.GetEvaluationResponse:
         ref = request.ref
+        if request.wait.seconds < 0 or request.wait.nanos < 0:
+            raise InvalidArgument("wait must not be negative; leave it unset to answer at once")
         row = await self._resolve(ref.run, ref.model, ref.split, ref.step if ref.HasField("step") else None)
+        wait_s = min(request.wait.seconds + request.wait.nanos / 1e9, self.settings.max_wait_s)
+        if wait_s > 0 and not row.finalized:
+            row = await self._wait_finalized(row, wait_s)
         return service_pb2.GetEvaluationResponse(
             evaluation=evaluation_to_pb(row, per_class=request.include_per_class)
         )
+
+    async def _wait_finalized(self, row: EvaluationRow, wait_s: float) -> EvaluationRow:
+        """A long poll: the row once finalized, or as it is after ``wait_s`` (``finalizations.py``)."""
+        with self.coordinator.waiters.watch(row.evaluation_id) as waiter:
+            # Read again once registered: a finalize committed since the first read is seen here.
+            latest = await self._io(self.store.get, row.evaluation_id)
+            if latest is None or latest.finalized:
+                return latest or row
+            await waiter.wait(wait_s)
+        return await self._io(self.store.get, row.evaluation_id) or row
 
     @rpc
     async def ListEvaluations(

@@ -157,6 +157,21 @@ class Settings:
             "another replica takes over a finalize this long after its finalizer died or stalled"
         ),
     )
+    shard_lease_s: float = field(
+        default=5.0,
+        metadata=_doc(
+            "PostgreSQL store: how long a stream's hold on its rank lives without renewal (renewed every "
+            "third of it while the stream lives); another replica accepts the rank this long after the "
+            "replica streaming it died"
+        ),
+    )
+    max_wait_s: float = field(
+        default=30.0,
+        metadata=_doc(
+            "longest a GetEvaluation long poll (its wait field, what result() and wait_for send) holds "
+            "the call until the evaluation is finalized; a longer wait is cut to this; 0 answers at once"
+        ),
+    )
     max_connection_age_s: float = field(
         default=0.0,
         metadata=_doc(
@@ -226,10 +241,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        if self.finalize_claim_s <= 0 or self.max_connection_age_s < 0:
-            raise ValueError("finalize_claim_s must be > 0 and max_connection_age_s >= 0")
+        if self.finalize_claim_s <= 0 or self.shard_lease_s <= 0 or self.max_connection_age_s < 0:
+            raise ValueError("finalize_claim_s and shard_lease_s must be > 0 and max_connection_age_s >= 0")
         if self.torch_threads < 0 or self.retention_keep_latest < 0 or self.shutdown_grace_s < 0:
             raise ValueError("torch_threads, retention_keep_latest and shutdown_grace_s must be >= 0")
+        if self.max_wait_s < 0:
+            raise ValueError(
+                f"max_wait_s must be >= 0 (0 answers GetEvaluation at once), got {self.max_wait_s}"
+            )
         if self.engine_backend not in BACKENDS:
             choices = ", ".join(BACKENDS)
             raise ValueError(f"engine_backend must be one of {choices}, got {self.engine_backend!r}")

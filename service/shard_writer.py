@@ -11,6 +11,9 @@ them, happen in sequence order by construction.
 Reductions are pipelined: an item's engine work starts on a worker thread the
 moment it is queued (the next block fills and reduces while the previous one
 commits); the drain task only waits for it when the item reaches the front.
+The same worker call takes each chunk's digest (``service/digest.py``), which
+is committed with it; a re-sent chunk is decoded and digested too, so the
+commit path can tell the same input resent from other content.
 
 A staging block is flushed (queued) when it is full, when anything but the
 next chunk arrives, when the stream closes or ends, or ``FLUSH_DELAY_S`` after
@@ -31,6 +34,7 @@ from typing import Any
 
 from evalstream.service.commit import ChunkOutcome, Committer, Pending
 from evalstream.service.decode import DecodedChunk
+from evalstream.service.digest import records_digest, scores_digest
 from evalstream.service.engine import ChunkError
 from evalstream.service.errors import FailedPrecondition
 from evalstream.service.leases import Lease
@@ -63,14 +67,23 @@ class Shared:
     track: Callable[[asyncio.Future[Any]], asyncio.Future[Any]]
 
 
+@dataclass(frozen=True)
+class _Received:
+    """What a worker made of an item's chunks: their parts (None for a re-sent chunk, which is
+    answered and never committed again) and each chunk's digest (None if it did not decode)."""
+
+    parts: list[Part] | None
+    digests: list[bytes | None]
+
+
 @dataclass
 class _Work:
-    """One item of the shard's queue: chunks to commit once reduced, or (parts None) a duplicate."""
+    """One item of the shard's queue: chunks to commit once reduced, or a duplicate to judge."""
 
     sequences: list[int]
     num_bytes: list[int]
     outcomes: list[asyncio.Future[ChunkOutcome]]
-    parts: asyncio.Future[list[Part]] | None
+    received: asyncio.Future[_Received]
 
 
 class ShardWriter:
@@ -91,6 +104,8 @@ class ShardWriter:
     def _check_sequence(self, sequence: int) -> None:
         """Chunks of scores and of records follow the same rules: an open shard, no gap."""
         lease = self._lease
+        if lease.broken is not None:
+            raise lease.broken
         if lease.closed:
             raise FailedPrecondition(f"rank {lease.rank} of {lease.key.name} is closed; open a new stream")
         if sequence > lease.accepted:
@@ -105,14 +120,14 @@ class ShardWriter:
         self._check_sequence(sequence)
         if sequence < lease.accepted:
             self.flush()
-            return self._enqueue([sequence], [0], None)[0]
+            return self._enqueue([sequence], [0], asyncio.ensure_future(self._digest_resent(decode)))[0]
         lease.accepted += 1
         t0 = time.perf_counter()
         try:
             chunk = decode()
         except ChunkError as exc:
             self.flush()
-            return self._enqueue([sequence], [0], _done([exc]))[0]
+            return self._enqueue([sequence], [0], _done(_Received([exc], [None])))[0]
         dtype = chunk.dtype
         s = self._shared
         staging = self._staging or StagingPool(lease.num_classes, s.block_rows, s.budget, s.block_bytes)
@@ -145,7 +160,8 @@ class ShardWriter:
         self._check_sequence(sequence)
         self.flush()
         if sequence < lease.accepted:
-            return self._enqueue([sequence], [0], None)[0]
+            resent = asyncio.ensure_future(self._shared.in_worker(_digest_resent_records, decode))
+            return self._enqueue([sequence], [0], resent)[0]
         lease.accepted += 1
         parts = asyncio.ensure_future(self._reduce_records(decode))
         return self._enqueue([sequence], [0], parts)[0]
@@ -160,13 +176,13 @@ class ShardWriter:
             self._timer.cancel()
             self._timer = None
         segments = list(block.segments)
-        parts = asyncio.ensure_future(self._reduce_block(block))
+        received = asyncio.ensure_future(self._reduce_block(block))
         self._queue_work(
             _Work(
                 [s.sequence for s in segments],
                 [s.num_bytes for s in segments],
                 [s.outcome for s in segments],
-                parts,
+                received,
             )
         )
 
@@ -206,20 +222,56 @@ class ShardWriter:
 
     # -- reductions (started when queued, on worker threads) ----------------------------------
 
-    async def _reduce_chunk(self, chunk: DecodedChunk) -> list[Part]:
+    async def _reduce_chunk(self, chunk: DecodedChunk) -> _Received:
         lease, reduction = self._lease, self._shared.reduction
-        return [await self._shared.in_worker(reduction.chunk, lease.num_classes, lease.score_kind, chunk)]
 
-    async def _reduce_records(self, decode: Callable[[], Received]) -> list[Part]:
-        return [await self._shared.in_worker(self._shared.reduction.records, decode)]
+        def work() -> _Received:
+            part = reduction.chunk(lease.num_classes, lease.score_kind, chunk)
+            return _Received([part], [scores_digest(chunk.host, chunk.labels, chunk.sample_ids, chunk.dtype)])
 
-    async def _reduce_block(self, block: StagingBlock) -> list[Part]:
-        lease, reduction = self._lease, self._shared.reduction
+        received: _Received = await self._shared.in_worker(work)
+        return received
+
+    async def _reduce_records(self, decode: Callable[[], Received]) -> _Received:
+        reduction = self._shared.reduction
+
+        def work() -> _Received:
+            decoded: list[Received] = []
+
+            def kept() -> Received:
+                decoded.append(decode())
+                return decoded[0]
+
+            part = reduction.records(kept)
+            return _Received([part], [records_digest(decoded[0].records) if decoded else None])
+
+        received: _Received = await self._shared.in_worker(work)
+        return received
+
+    async def _digest_resent(self, decode: Callable[[], DecodedChunk]) -> _Received:
+        """A re-sent chunk of scores: only its digest, to judge it against the committed one."""
         try:
-            parts: list[Part] = await self._shared.in_worker(
-                reduction.block, lease.num_classes, lease.score_kind, block
-            )
-            return parts
+            chunk = decode()
+        except ChunkError:
+            return _Received(None, [None])
+        digest: bytes = await self._shared.in_worker(
+            scores_digest, chunk.host, chunk.labels, chunk.sample_ids, chunk.dtype
+        )
+        return _Received(None, [digest])
+
+    async def _reduce_block(self, block: StagingBlock) -> _Received:
+        lease, reduction = self._lease, self._shared.reduction
+
+        def work() -> _Received:
+            parts = reduction.block(lease.num_classes, lease.score_kind, block)
+            digests: list[bytes | None] = [
+                scores_digest(*block.views(s.start, s.stop), block.dtype) for s in block.segments
+            ]
+            return _Received(parts, digests)
+
+        try:
+            received: _Received = await self._shared.in_worker(work)
+            return received
         finally:
             assert self._staging is not None
             self._staging.release(block)
@@ -227,10 +279,10 @@ class ShardWriter:
     # -- the queue ----------------------------------------------------------------------------
 
     def _enqueue(
-        self, sequences: list[int], num_bytes: list[int], parts: asyncio.Future[list[Part]] | None
+        self, sequences: list[int], num_bytes: list[int], received: asyncio.Future[_Received]
     ) -> list[asyncio.Future[ChunkOutcome]]:
         outcomes = [_outcome_future() for _ in sequences]
-        self._queue_work(_Work(sequences, num_bytes, outcomes, parts))
+        self._queue_work(_Work(sequences, num_bytes, outcomes, received))
         return outcomes
 
     def _queue_work(self, work: _Work) -> None:
@@ -250,25 +302,21 @@ class ShardWriter:
         unchanged: only a run of consecutive items merges, each chunk answered as before."""
         while self._queue:
             work = self._queue.popleft()
-            if work.parts is not None:
-                await asyncio.wait([work.parts])
-                while self._queue and _ready(work) and _ready(self._queue[0]) and _room(work):
-                    work = _merged(work, self._queue.popleft())
+            await asyncio.wait([work.received])
+            while self._queue and _ready(work) and _ready(self._queue[0]) and _room(work):
+                work = _merged(work, self._queue.popleft())
             await self._run(work)
 
     async def _run(self, work: _Work) -> None:
         lease, committer = self._lease, self._shared.committer
         try:
-            if work.parts is None:
-                work.outcomes[0].set_result(await committer.duplicate(lease, work.sequences[0]))
+            received = await work.received
+            if received.parts is None:
+                answer = await committer.duplicate(lease, work.sequences[0], received.digests[0])
+                work.outcomes[0].set_result(answer)
                 return
-            parts = await work.parts
-            batch = [
-                Pending(seq, nbytes, part, outcome)
-                for seq, nbytes, part, outcome in zip(
-                    work.sequences, work.num_bytes, parts, work.outcomes, strict=True
-                )
-            ]
+            each = (work.sequences, work.num_bytes, received.parts, work.outcomes, received.digests)
+            batch = [Pending(*fields) for fields in zip(*each, strict=True)]
             await committer.commit(lease, batch)
         except BaseException as exc:
             for outcome in work.outcomes:
@@ -279,26 +327,29 @@ class ShardWriter:
 
 
 def _ready(work: _Work) -> bool:
-    """Reduced without an error: its parts can join another item's commit."""
-    parts = work.parts
-    return parts is not None and parts.done() and not parts.cancelled() and parts.exception() is None
+    """Reduced without an error (and not a re-sent chunk): it can join another item's commit."""
+    fut = work.received
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return False
+    return fut.result().parts is not None
 
 
 def _room(work: _Work) -> bool:
     """Whether a reduced item may take in another: under both merge limits."""
-    assert work.parts is not None
-    size = sum(len(p.records or b"") for p in work.parts.result() if isinstance(p, Reduced))
+    parts = work.received.result().parts or []
+    size = sum(len(p.records or b"") for p in parts if isinstance(p, Reduced))
     return len(work.sequences) < MERGE_CHUNKS and size < MERGE_BYTES
 
 
 def _merged(first: _Work, second: _Work) -> _Work:
     """Two consecutive reduced items as one (committed in one transaction, answered as before)."""
-    assert first.parts is not None and second.parts is not None
+    a, b = first.received.result(), second.received.result()
+    assert a.parts is not None and b.parts is not None
     return _Work(
         first.sequences + second.sequences,
         first.num_bytes + second.num_bytes,
         first.outcomes + second.outcomes,
-        _done(first.parts.result() + second.parts.result()),
+        _done(_Received(a.parts + b.parts, a.digests + b.digests)),
     )
 
 
@@ -308,10 +359,18 @@ def _outcome_future() -> asyncio.Future[ChunkOutcome]:
     return fut
 
 
-def _done(parts: list[Part]) -> asyncio.Future[list[Part]]:
-    fut: asyncio.Future[list[Part]] = asyncio.get_running_loop().create_future()
-    fut.set_result(parts)
+def _done(received: _Received) -> asyncio.Future[_Received]:
+    fut: asyncio.Future[_Received] = asyncio.get_running_loop().create_future()
+    fut.set_result(received)
     return fut
+
+
+def _digest_resent_records(decode: Callable[[], Received]) -> _Received:
+    """A re-sent RecordsChunk (on a worker thread): only its digest, None if it does not decode."""
+    try:
+        return _Received(None, [records_digest(decode().records)])
+    except ChunkError:
+        return _Received(None, [None])
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

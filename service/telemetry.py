@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # Seconds; chunk work is sub-millisecond to tens of milliseconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Seconds; a finalize merges every rank's records: milliseconds to minutes.
+_FINALIZE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 # Reasons a chunk can be refused (ChunkError.reason). Their counters start at 0 so that
 # rate() sees the first rejection of each reason: a labelled counter that is born at 1
@@ -46,6 +48,9 @@ REJECTION_REASONS = (
     "shape_mismatch",
     "ties_out_of_range",
 )
+
+# How a GetEvaluation long poll ended (service/finalizations.py).
+WAIT_OUTCOMES = ("notified", "polled", "timeout")
 
 # Where a shard's scores are reduced (OpenShard.reduce); the byte counter is split by it.
 REDUCE_MODES = ("server", "client")
@@ -101,6 +106,24 @@ class Telemetry:
         )
         self.active_streams = Gauge("evalstream_active_streams", "Open StreamEvaluation calls", registry=r)
         self.finalized = Counter("evalstream_evaluations_finalized", "Evaluations finalized", registry=r)
+        self.finalize_seconds = Histogram(
+            "evalstream_finalize_seconds",
+            "Time from the start of a finalize (merge, metrics) to its result committed",
+            buckets=_FINALIZE_BUCKETS,
+            registry=r,
+        )
+        self.waits = Counter(
+            "evalstream_waits",
+            "GetEvaluation long polls that waited, by how they ended: notified (a finalization was "
+            "announced), polled (a store check found it finalized) or timeout (the wait elapsed)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in WAIT_OUTCOMES:  # born at 0, so rate() sees the first of each
+            self.waits.labels(outcome=outcome)
+        self.waiting = Gauge(
+            "evalstream_waits_in_progress", "GetEvaluation long polls waiting now", registry=r
+        )
         self.rpc_errors = Counter(
             "evalstream_rpc_errors", "RPCs that ended with an error status", ["method", "code"], registry=r
         )

@@ -15,8 +15,9 @@ construction (``StorePolicy``), so every backend applies the same ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from evalstream.service.store.errors import SequenceConflict
 
@@ -24,6 +25,12 @@ OPEN = "open"
 FINALIZED = "finalized"
 # The reason a chunk is refused when it would take its evaluation over max_samples_per_evaluation.
 TOO_LARGE = "evaluation_too_large"
+
+
+class Closeable(Protocol):
+    """Something running that the store's owner stops (a finalization listener)."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class ChunkCommit:
     nll_sum: float = 0.0
     correct: int = 0
     rejection: Rejection | None = None
+    # The digest of the chunk's received input (``service/digest.py``), kept to judge a re-sent
+    # sequence on any replica; None when the chunk was refused before it decoded.
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,11 @@ class Store(ABC):
     @abstractmethod
     def rejection(self, evaluation_id: str, rank: int, sequence: int) -> Rejection | None:
         """The stored rejection of a chunk, if it was refused."""
+
+    @abstractmethod
+    def chunk_digest(self, evaluation_id: str, rank: int, sequence: int) -> bytes | None:
+        """The digest a committed chunk (or refused one) was stored with; None if none was, or the
+        chunk rows are gone (dropped at finalize, when the shard is closed and takes nothing)."""
 
     @abstractmethod
     def close_shard(self, evaluation_id: str, rank: int) -> EvaluationRow:
@@ -229,6 +244,16 @@ class Store(ABC):
     @abstractmethod
     def latest_finalized(self) -> list[EvaluationRow]:
         """The latest finalized evaluation per (run, model, split), newest first (the exporter reads it)."""
+
+    def finalization_listener(
+        self, announce: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> Closeable | None:
+        """Where other processes finalize this store's evaluations too (replicas), start relaying
+        each committed finalization's id to ``announce``, and the listener's connection state to
+        ``connected`` (``service/finalizations.py``); the running listener, to close. None (the
+        default) where only this process finalizes: its own finalizer's announcements are complete.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None:

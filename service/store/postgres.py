@@ -17,7 +17,9 @@ lock or a conditional statement here, so it holds across replicas:
   claim (``postgres_claims.py``) the update is also conditioned on the claim's
   epoch, so a finalizer that lost its claim changes nothing.
 - A finalize sends ``NOTIFY evalstream_finalized`` in its transaction: waiters
-  on every replica hear it once, when (and only if) it commits.
+  on every replica hear it once, when (and only if) it commits (``postgres_listen.py``).
+- One live stream per rank across replicas: a hold in ``shard_owners``, taken at
+  open, renewed by a heartbeat, released at stream end (``postgres_ownership.py``).
 
 Lock order is evaluation row, then shard row, in every write, so two writes
 never wait on each other in a cycle. Calls retry while the database is
@@ -26,8 +28,9 @@ unreachable (``PostgresReads._run``).
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 
@@ -48,19 +51,25 @@ from evalstream.service.store.base import (
 from evalstream.service.store.errors import SequenceConflict
 from evalstream.service.store.postgres_claims import Claims
 from evalstream.service.store.postgres_leader import ExporterLease
+from evalstream.service.store.postgres_listen import CHANNEL, FinalizationListener
+from evalstream.service.store.postgres_ownership import Ownership
 from evalstream.service.store.postgres_reads import NOW, PostgresReads, Row, eval_in, make_pool, shard_in
 from evalstream.service.store.postgres_schema import LATEST, migrate
 from evalstream.service.store.rules import check_agrees, check_writable, too_large
 
+log = logging.getLogger(__name__)
+
 # Merged records are stored in pieces of this size: far below the 1 GB bytea limit, small enough
 # that neither side of the connection holds one value of a huge evaluation in one buffer twice.
 PIECE_BYTES = 16 << 20
-# Finalizations are announced on this channel; the payload is the evaluation id.
-CHANNEL = "evalstream_finalized"
 DEFAULT_POOL_SIZE = 20
 # How long a finalizer's claim lives without renewal: the delay before another replica takes over the
 # finalize of a replica that died or stalled. Renewed every third of it while the finalizer works.
 DEFAULT_CLAIM_S = 30.0
+# How long a stream's hold on its rank lives without renewal: how long after its replica died another
+# replica accepts the rank. Renewed every third of it. The client's default retries (8 attempts, ~9 s
+# and more of backoff) outlast it, so a stream whose replica was killed resumes on another.
+DEFAULT_SHARD_LEASE_S = 5.0
 # Completed evaluations one sweep claims at most.
 SWEEP_LIMIT = 16
 
@@ -75,6 +84,7 @@ class PostgresStore(PostgresReads, Store):
         pool_size: int = DEFAULT_POOL_SIZE,
         schema_version: int = LATEST,
         claim_s: float = DEFAULT_CLAIM_S,
+        shard_lease_s: float = DEFAULT_SHARD_LEASE_S,
     ) -> None:
         self.url = url
         self.policy = policy or StorePolicy()
@@ -84,6 +94,14 @@ class PostgresStore(PostgresReads, Store):
         self.claims = Claims(claim_s)
         self.claims.start(lambda: self._run(self.claims.renew_in))
         self.exporter = ExporterLease(url)
+        self.ownership = Ownership(shard_lease_s)
+        self.ownership.start(lambda: self._run(self.ownership.renew_in))
+
+    def finalization_listener(
+        self, announce: Callable[[str], None], connected: Callable[[bool], None]
+    ) -> FinalizationListener:
+        """Other replicas finalize too: their NOTIFYs reach this one's waiters (``postgres_listen.py``)."""
+        return FinalizationListener(self.url, announce, connected)
 
     def exports_evaluations(self) -> bool:
         """Whether this replica is the one exporting evaluation gauges (``postgres_leader.py``)."""
@@ -148,8 +166,8 @@ class PostgresStore(PostgresReads, Store):
             check_writable(ev, shard)
             total = ev.num_samples
             out: list[StoredChunk | SequenceConflict] = []
-            rows: list[tuple[str, int, int, int, bytes | None]] = []
-            refused: list[tuple[str, int, int, str, str]] = []
+            rows: list[tuple[str, int, int, int, bytes | None, bytes | None]] = []
+            refused: list[tuple[str, int, int, str, str, bytes | None]] = []
             next_sequence, samples, count, rejected = shard.next_sequence, 0, 0, 0
             nll_sum, correct = 0.0, 0
             for chunk in chunks:
@@ -162,14 +180,17 @@ class PostgresStore(PostgresReads, Store):
                         chunk.sequence, TOO_LARGE, too_large(ev, total + chunk.samples, max_samples)
                     )
                 if rejection is None:
-                    rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
+                    rows.append(
+                        (evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records, chunk.digest)
+                    )
                     total += chunk.samples
                     samples += chunk.samples
                     count += 1
                     nll_sum += chunk.nll_sum
                     correct += chunk.correct
                 else:
-                    refused.append((evaluation_id, rank, chunk.sequence, rejection.reason, rejection.message))
+                    why = (rejection.reason, rejection.message)
+                    refused.append((evaluation_id, rank, chunk.sequence, *why, chunk.digest))
                     rejected += 1
                 next_sequence = chunk.sequence + 1
                 out.append(
@@ -194,16 +215,16 @@ class PostgresStore(PostgresReads, Store):
             with conn.cursor() as cur:
                 if rows:
                     cur.executemany(
-                        "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records, digest) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         rows,
                     )
                     if cur.rowcount != len(rows):  # the shard lock makes this unreachable; the key decides
                         raise SequenceConflict(shard.next_sequence + len(out), rows[0][2])
                 if refused:
                     cur.executemany(
-                        "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message, digest) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         refused,
                     )
             updated = conn.execute(
@@ -238,6 +259,23 @@ class PostgresStore(PostgresReads, Store):
         if epoch is not None:
             self.claims.hold({evaluation_id: epoch})
         return row
+
+    def acquire_shard(self, evaluation_id: str, rank: int, token: str) -> ShardRow | None:
+        """Own the rank for the stream ``token``: the shard as it stands, or None while a live stream
+        of another replica owns it (``postgres_ownership.py``)."""
+        owned = None
+        self.ownership.taking(token)
+        try:
+            owned = self._run(lambda conn: self.ownership.acquire_in(conn, evaluation_id, rank, token))
+        finally:
+            self.ownership.acquired(evaluation_id, rank, token, owned is not None)
+        return owned
+
+    def release_shard(self, evaluation_id: str, rank: int, token: str) -> None:
+        self._run(lambda conn: self.ownership.release_in(conn, evaluation_id, rank, token))
+
+    def shard_lost(self, token: str) -> bool:
+        return self.ownership.lost(token)
 
     def claim_pending(self) -> list[str]:
         """Claim completed evaluations whose finalizer's claim expired (or that none holds); their ids.
@@ -331,6 +369,12 @@ class PostgresStore(PostgresReads, Store):
         return ids
 
     def close(self) -> None:
+        self.ownership.stop()
+        try:  # not retried: a database that is away must not hold up a stop (the holds expire anyway)
+            with self._pool.connection(timeout=2.0) as conn, conn.transaction():
+                self.ownership.release_all_in(conn)
+        except Exception:
+            log.warning("releasing this replica's shard holds failed", exc_info=True)
         self.claims.stop()
         self.exporter.close()
         self._pool.close()

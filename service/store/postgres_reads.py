@@ -173,6 +173,14 @@ class PostgresReads:
             return None
         return Rejection(int(rows[0]["sequence"]), rows[0]["reason"], rows[0]["message"])
 
+    def chunk_digest(self, evaluation_id: str, rank: int, sequence: int) -> bytes | None:
+        rows = self._rows(
+            "SELECT digest FROM chunks WHERE evaluation_id = %s AND rank = %s AND sequence = %s UNION ALL "
+            "SELECT digest FROM rejections WHERE evaluation_id = %s AND rank = %s AND sequence = %s",
+            (evaluation_id, rank, sequence) * 2,
+        )
+        return None if not rows or rows[0]["digest"] is None else bytes(rows[0]["digest"])
+
     def chunk_records(self, evaluation_id: str) -> list[bytes]:
         rows = self._rows(
             "SELECT records FROM chunks WHERE evaluation_id = %s AND records IS NOT NULL "

@@ -26,6 +26,9 @@ The layout, and why:
   claim, and an expiry on the database clock (one clock for every replica).
 - ``final_records`` holds an evaluation's merged records as ``bytea`` pieces,
   each far below PostgreSQL's 1 GB value limit.
+- ``shard_owners`` holds which live stream (replica, token) owns a rank, with an
+  expiry on the database clock: a second stream for the rank on any replica is
+  refused while it lives (``postgres_ownership.py``).
 """
 
 from __future__ import annotations
@@ -85,8 +88,21 @@ V1 = (
 )""",
 )
 
+# Version 2: a refused chunk keeps its input's digest too (a chunk's was in V1), and a live stream's
+# hold on its rank is a row of ``shard_owners`` (``postgres_ownership.py``): its own table, so the
+# heartbeat that renews a replica's holds never waits on the shard rows commits lock.
+V2 = (
+    "ALTER TABLE rejections ADD COLUMN digest BYTEA",
+    """CREATE TABLE shard_owners (
+    evaluation_id TEXT NOT NULL, rank INTEGER NOT NULL,
+    replica TEXT NOT NULL, token TEXT NOT NULL, expires TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (evaluation_id, rank)
+)""",
+    "CREATE INDEX shard_owners_replica ON shard_owners (replica)",
+)
+
 # Applied in order: MIGRATIONS[i] takes a database from version i to version i + 1.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (V1, V2)
 LATEST = len(MIGRATIONS)
 
 

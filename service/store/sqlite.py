@@ -135,8 +135,8 @@ class SqliteStore(SqliteReads, Store):
             now = time.time()
             total = ev.num_samples
             out: list[StoredChunk | SequenceConflict] = []
-            rows: list[tuple[str, int, int, int, bytes | None]] = []
-            refused: list[tuple[str, int, int, str, str]] = []
+            rows: list[tuple[str, int, int, int, bytes | None, bytes | None]] = []
+            refused: list[tuple[str, int, int, str, str, bytes | None]] = []
             for chunk in chunks:
                 if chunk.sequence != shard.next_sequence:
                     out.append(SequenceConflict(shard.next_sequence, chunk.sequence))
@@ -147,7 +147,9 @@ class SqliteStore(SqliteReads, Store):
                         chunk.sequence, TOO_LARGE, too_large(ev, total + chunk.samples, max_samples)
                     )
                 if rejection is None:
-                    rows.append((evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records))
+                    rows.append(
+                        (evaluation_id, rank, chunk.sequence, chunk.samples, chunk.records, chunk.digest)
+                    )
                     total += chunk.samples
                     shard = dataclasses.replace(
                         shard,
@@ -159,7 +161,8 @@ class SqliteStore(SqliteReads, Store):
                         updated_at=now,
                     )
                 else:
-                    refused.append((evaluation_id, rank, chunk.sequence, rejection.reason, rejection.message))
+                    why = (rejection.reason, rejection.message)
+                    refused.append((evaluation_id, rank, chunk.sequence, *why, chunk.digest))
                     shard = dataclasses.replace(
                         shard,
                         next_sequence=chunk.sequence + 1,
@@ -169,15 +172,15 @@ class SqliteStore(SqliteReads, Store):
                 out.append(StoredChunk(shard, rejection))
             if rows:
                 conn.executemany(
-                    "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO chunks (evaluation_id, rank, sequence, samples, records, digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 conn.execute("UPDATE evaluations SET num_samples = ? WHERE id = ?", (total, evaluation_id))
             if refused:
                 conn.executemany(
-                    "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO rejections (evaluation_id, rank, sequence, reason, message, digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     refused,
                 )
             if rows or refused:

@@ -129,6 +129,18 @@ class SqliteReads:
         )
         return None if row is None else Rejection(row["sequence"], row["reason"], row["message"])
 
+    def chunk_digest(self, evaluation_id: str, rank: int, sequence: int) -> bytes | None:
+        row = (
+            self._read()
+            .execute(
+                "SELECT digest FROM chunks WHERE evaluation_id = ? AND rank = ? AND sequence = ? UNION ALL "
+                "SELECT digest FROM rejections WHERE evaluation_id = ? AND rank = ? AND sequence = ?",
+                (evaluation_id, rank, sequence) * 2,
+            )
+            .fetchone()
+        )
+        return None if row is None or row["digest"] is None else bytes(row["digest"])
+
     def chunk_records(self, evaluation_id: str) -> list[bytes]:
         rows = self._read().execute(
             "SELECT records FROM chunks WHERE evaluation_id = ? AND records IS NOT NULL "

@@ -75,8 +75,16 @@ V2 = (
     "ALTER TABLE rejections_v2 RENAME TO rejections",
 )
 
+# Version 3: every chunk (and refused chunk) keeps the digest of its received input, which judges a
+# re-sent sequence: the same input is a duplicate, other input a conflict (service/digest.py).
+# Rows from before have none and judge nothing.
+V3 = (
+    "ALTER TABLE chunks ADD COLUMN digest BLOB",
+    "ALTER TABLE rejections ADD COLUMN digest BLOB",
+)
+
 # Applied in order: MIGRATIONS[i] takes a database from version i to version i + 1.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (V1, V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (V1, V2, V3)
 LATEST = len(MIGRATIONS)
 
 

@@ -54,12 +54,15 @@ def redacted(url: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-def open_store(url: str, data_dir: str, synchronous: str, policy: StorePolicy, claim_s: float) -> Store:
-    """Open (and migrate) the store ``url`` names (``claim_s``: a PostgreSQL finalizer claim's life)."""
+def open_store(
+    url: str, data_dir: str, synchronous: str, policy: StorePolicy, claim_s: float, shard_lease_s: float = 5.0
+) -> Store:
+    """Open (and migrate) the store ``url`` names (``claim_s``: a PostgreSQL finalizer claim's life;
+    ``shard_lease_s``: a PostgreSQL stream's hold on its rank)."""
     if store_kind(url) == POSTGRESQL:
         from evalstream.service.store.postgres import PostgresStore  # psycopg only when used
 
-        return PostgresStore(url, policy=policy, claim_s=claim_s)
+        return PostgresStore(url, policy=policy, claim_s=claim_s, shard_lease_s=shard_lease_s)
     from evalstream.service.store.sqlite import SqliteStore
 
     return SqliteStore(sqlite_dir(url, data_dir), synchronous, policy=policy)

@@ -121,14 +121,14 @@ def _strategic_merge(base: Any, patch: Any) -> Any:
         return out
     named = lambda xs: isinstance(xs, list) and all(isinstance(x, dict) and "name" in x for x in xs)  # noqa: E731
     if named(base) and named(patch) and patch:
-        # Like kustomize: items only in the patch come first, in patch order, then the merged base.
-        patched = {x["name"]: x for x in patch}
-        added = [copy.deepcopy(x) for x in patch if x["name"] not in {b["name"] for b in base}]
-        merged = [
-            _strategic_merge(b, patched[b["name"]]) if b["name"] in patched else copy.deepcopy(b)
-            for b in base
+        # Like kustomize: the patch's items come first, in patch order (merged into the base's item
+        # of that name, if any), then the base's items the patch does not name.
+        bases = {b["name"]: b for b in base}
+        named_first = [
+            _strategic_merge(bases[x["name"]], x) if x["name"] in bases else copy.deepcopy(x) for x in patch
         ]
-        return added + merged
+        rest = [copy.deepcopy(b) for b in base if b["name"] not in {x["name"] for x in patch}]
+        return named_first + rest
     return copy.deepcopy(patch)
 
 

@@ -173,6 +173,10 @@ def check_service_query(expr: str, result: list[dict[str, Any]], s: Scenario) ->
         assert values == [0.0]
     elif "evalstream_evaluations_finalized_total" in expr:
         assert 2.0 <= values[0] <= 3.0, values  # increase() extrapolates a little past the first sample
+    elif "evalstream_waits_total" in expr:
+        outcomes = {r["metric"]["outcome"]: float(r["value"][1]) for r in result}
+        assert outcomes.keys() == {"notified", "polled", "timeout"}  # every outcome exported from 0
+        assert all(math.isfinite(v) and v >= 0 for v in outcomes.values()), outcomes
     elif "rejected_chunks_total" in expr:
         rates = {r["metric"]["reason"]: float(r["value"][1]) for r in result}
         assert rates.pop("label_out_of_range") > 0

@@ -64,7 +64,19 @@ def test_series_stay_under_the_bound(tmp_path: Path) -> None:
     assert meta["evalstream_exporter_dropped_keys"] == len(pairs) - bound
     # No per-sample or per-class label anywhere.
     label_names = {k for _, labels, _ in samples for k in labels}
-    assert label_names <= {"run", "model", "split", "bin", "rank", "reason", "method", "code", "le", "mode"}
+    assert label_names <= {
+        "run",
+        "model",
+        "split",
+        "bin",
+        "rank",
+        "reason",
+        "method",
+        "code",
+        "le",
+        "mode",
+        "outcome",
+    }
 
 
 def test_finalized_gauges_come_back_after_a_restart(tmp_path: Path) -> None:

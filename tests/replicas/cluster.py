@@ -67,7 +67,13 @@ class Cluster:
     def __init__(
         self, root: Path, store_url: str, n: int = 3, metrics: bool = False, **settings: Any
     ) -> None:
-        values: dict[str, Any] = {"store_url": store_url, "finalize_claim_s": 2.0, **settings}
+        # Short claims and holds: a test waits that long for another replica to take over.
+        values: dict[str, Any] = {
+            "store_url": store_url,
+            "finalize_claim_s": 2.0,
+            "shard_lease_s": 2.0,
+            **settings,
+        }
         self.metrics = [f"127.0.0.1:{free_port()}" if metrics else "" for _ in range(n)]
         self.replicas = [
             Replica(root / f"replica-{i}", **values, metrics_address=self.metrics[i]) for i in range(n)

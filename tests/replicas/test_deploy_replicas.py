@@ -1,12 +1,16 @@
-"""The replica deployments: the kustomize overlay and the compose stack, valid and consistent.
+"""The replica deployments: the kustomize overlays and the compose stack, valid and consistent.
 
 The base (one pod, SQLite on a volume) stays the embedded default; the ``replicas`` overlay
-turns it into three stateless pods on PostgreSQL. Checked against the Kubernetes schemas with
-``kubernetes-validate`` like the other variants (tests/observability/test_k8s.py).
+turns it into three stateless pods on PostgreSQL, and the ``cloudnative-pg`` overlay adds the
+database itself, a CloudNativePG ``Cluster`` whose application Secret gives the store URL.
+Checked against the Kubernetes schemas with ``kubernetes-validate`` like the other variants
+(tests/observability/test_k8s.py); custom resources, which it has no schema for, by name.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ import pytest
 import yaml
 
 from evalstream.service.settings import ENV_PREFIX, Settings
+from evalstream.service.store.postgres import DEFAULT_POOL_SIZE
 from tests.observability.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,3 +104,65 @@ def test_prometheus_accepts_the_replicas_config(tmp_path: Path) -> None:
     )
     if out.returncode != 0:
         pytest.fail(out.stdout + out.stderr)
+
+
+# -- the CloudNativePG overlay -----------------------------------------------------------------
+
+CNPG = ROOT / "deploy" / "k8s" / "overlays" / "cloudnative-pg"
+# Objects of custom resource kinds, which kubernetes-validate has no schema for: each is checked
+# by a test of its own (the ServiceMonitor in tests/observability/test_k8s.py, the Cluster below).
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("postgresql.cnpg.io/v1", "Cluster")}
+# A Kubernetes resource quantity, as the Cluster's storage size must be.
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
+def cnpg_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in render(CNPG)}
+
+
+def test_cloudnative_pg_overlay_validates_and_names_its_custom_resources() -> None:
+    custom = set()
+    for doc in cnpg_objects().values():
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            custom.add((doc["apiVersion"], doc["kind"]))
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert custom == CUSTOM_KINDS  # nothing else skipped the schema check
+
+
+def test_cloudnative_pg_cluster_feeds_the_replicas_store_url() -> None:
+    objs = cnpg_objects()
+    clusters = [d for (kind, _), d in objs.items() if kind == "Cluster"]
+    (cluster,) = clusters
+    spec = cluster["spec"]
+    # The fields the operator requires, with the types its CRD gives them.
+    assert isinstance(spec["instances"], int) and spec["instances"] == 3
+    assert QUANTITY.match(spec["storage"]["size"]), spec["storage"]["size"]
+    initdb = spec["bootstrap"]["initdb"]
+    assert initdb["database"] == initdb["owner"] == "evalstream"
+    assert all(isinstance(v, str) for v in spec["postgresql"]["parameters"].values())
+    # The store URL is the "uri" key of the Secret the operator writes for the database owner.
+    dep = objs[("Deployment", "evalstream")]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["EVALSTREAM_STORE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{cluster['metadata']['name']}-app",
+        "key": "uri",
+    }
+    assert "namespace" not in cluster["metadata"] and "namespace" not in dep["metadata"]  # one namespace
+    # Every replica's connections (its pool, its listener, its exporter lease) fit, a surge pod included.
+    replicas = dep["spec"]["replicas"] + dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    assert replicas * (DEFAULT_POOL_SIZE + 2) < int(spec["postgresql"]["parameters"]["max_connections"])
+    # Everything else is the replicas overlay.
+    assert {k for k in objs if k[0] != "Cluster"} == set(objects())
+
+
+def test_cloudnative_pg_overlay_renders_as_kubectl_does() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed; the Python renderer alone is used")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(CNPG)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    assert theirs == cnpg_objects()

@@ -291,36 +291,36 @@ def test_a_database_restart_stalls_streams_then_they_resume(
         assert_same_result(fetch_result(target, "dbrestart").result, want)
 
 
-def test_one_rank_streamed_to_two_replicas_is_counted_once(
-    cluster: Cluster, finalizations: Finalizations
+def test_one_rank_streamed_to_two_replicas_is_held_by_one_stream_and_counted_once(
+    cluster: Cluster, finalizations: Finalizations, postgres_url: str
 ) -> None:
-    """A rank's second stream on another replica (a restarted job that reached a different pod):
-    no lease spans replicas, but each sequence commits once, so the same data sent twice is
-    counted once."""
+    """A rank's second stream on another replica (a restarted job that reached a different pod) is
+    refused (ABORTED, retried by the client) while the first lives, as on one server; once the first
+    has closed the rank, the second's open finds it closed and fails with that, before it sent
+    anything. The data is counted once."""
     cluster.start()
     ranks = [rank_batches(r, 12, 64, CLASSES, seed=41) for r in range(2)]
-    twice = [RankRun(0), RankRun(0), RankRun(1)]
-    plan = [(cluster.targets[0], ranks[0]), (cluster.targets[1], ranks[0]), (cluster.targets[2], ranks[1])]
-    for run, (target, batches) in zip(twice, plan, strict=True):
-        run.thread = threading.Thread(
-            target=stream_rank,
-            args=(target, run),
-            kwargs={
-                "model": "twice",
-                "world_size": 2,
-                "batches": batches,
-                "num_classes": CLASSES,
-                "pace_s": 0.02,
-                "chunk_bytes": 1 << 14,
-            },
-            daemon=True,
-        )
+    first, second, other = RankRun(0), RankRun(0), RankRun(1)
+
+    def start(run: RankRun, target: str, batches: list[tuple[np.ndarray, np.ndarray]], pace_s: float) -> None:
+        kwargs = {"model": "twice", "world_size": 2, "batches": batches, "num_classes": CLASSES}
+        kwargs |= {"pace_s": pace_s, "chunk_bytes": 1 << 14}
+        run.thread = threading.Thread(target=stream_rank, args=(target, run), kwargs=kwargs, daemon=True)
         run.thread.start()
-    for run in twice:
-        assert run.thread is not None
-        run.thread.join(300)
-    assert twice[2].error is None
-    assert any(run.error is None for run in twice[:2])  # at least one copy of rank 0 closed it
+
+    start(first, cluster.targets[0], ranks[0], 0.05)
+    deadline = time.monotonic() + 120
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM shards WHERE chunks >= 1").fetchone() != (1,):
+            assert time.monotonic() < deadline and first.error is None, first.error
+            time.sleep(0.02)
+    start(second, cluster.targets[1], ranks[0], 0.0)  # the same rank, while the first streams
+    start(other, cluster.targets[2], ranks[1], 0.0)
+    join([first, other])
+    assert second.thread is not None
+    second.thread.join(120)
+    assert first.reconnects == 0 and first.summary is not None and first.summary.samples == 12 * 64
+    assert second.summary is None and "closed earlier" in str(second.error)
     want = reference(ranks, CLASSES, Settings.load(cluster.replicas[0].config, env={}).engine_config())
     for target in cluster.targets:
         assert_same_result(fetch_result(target, "twice").result, want)

@@ -212,11 +212,13 @@ def test_metrics_over_mutual_tls_show_no_request_contents(populated: Deployment)
         "bin",
         "quantile",
         "mode",
+        "outcome",
     }
     assert labels["run"] == {RUN} and labels["model"] == {"model-a", "model-b"} and labels["split"] == {"val"}
     assert labels["method"] <= set({m.rsplit("/", 1)[-1] for m in auth.READ_ONLY_METHODS} | WRITE_METHODS)
     assert labels["code"] <= {code.name for code in grpc.StatusCode}
     assert all(re.fullmatch(r"[a-z_]+", reason) for reason in labels.get("reason", ()))
+    assert labels.get("outcome", set()) <= {"notified", "polled", "timeout"}
     # Request contents and credentials appear nowhere, not even in help text.
     for secret in (FULL_TOKEN, READ_ONLY_TOKEN, "Bearer", "authorization", str(SAMPLE_ID_BASE)[:9], "7.777"):
         assert secret not in text, secret

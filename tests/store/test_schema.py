@@ -42,11 +42,14 @@ def test_a_version_1_database_is_upgraded_without_losing_an_evaluation(tmp_path:
     db = _version_1_database(tmp_path)
     assert _version(db) == 0
     store = SqliteStore(tmp_path)
-    assert _version(db) == LATEST == 2
+    assert _version(db) == LATEST == 3
     conn = sqlite3.connect(db)
     columns = [r[1] for r in conn.execute("PRAGMA table_info(rejections)")]
+    chunk_columns = [r[1] for r in conn.execute("PRAGMA table_info(chunks)")]
     conn.close()
-    assert columns == ["evaluation_id", "rank", "sequence", "reason", "message"]  # no gRPC code stored
+    # No gRPC code stored (v2); the digest of the received input kept with every chunk (v3).
+    assert columns == ["evaluation_id", "rank", "sequence", "reason", "message", "digest"]
+    assert chunk_columns[-1] == "digest"
 
     done = store.get(FINALIZED_ID)
     assert done is not None and done.finalized and done.pinned and done.num_samples == 3
@@ -57,13 +60,15 @@ def test_a_version_1_database_is_upgraded_without_losing_an_evaluation(tmp_path:
 
     assert store.rejection(OPEN_ID, 0, 2) == Rejection(2, "non_finite", "chunk 2 has a NaN in scores row 4")
     assert store.chunk_records(OPEN_ID) == [b"\x0a\x0b\x0c", b"\x0d\x0e\x0f"]
+    assert store.chunk_digest(OPEN_ID, 0, 0) is None  # committed before digests: judges nothing
     assert [(s.rank, s.next_sequence, s.samples, s.closed) for s in store.shards(OPEN_ID)] == [
         (0, 3, 5, False),
         (1, 0, 0, True),
     ]
     # The open evaluation goes on where it stood and finalizes.
-    (stored,) = store.commit_chunks(OPEN_ID, 0, [ChunkCommit(3, 4, b"\x10", 1.0, 2)])
+    (stored,) = store.commit_chunks(OPEN_ID, 0, [ChunkCommit(3, 4, b"\x10", 1.0, 2, digest=b"\x01d")])
     assert not isinstance(stored, Exception) and stored.shard.samples == 9
+    assert store.chunk_digest(OPEN_ID, 0, 3) == b"\x01d"
     assert store.close_shard(OPEN_ID, 0).ranks_closed == 2
     assert store.finalize(OPEN_ID, b"result", b"records", 9).finalized
     store.close()

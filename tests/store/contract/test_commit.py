@@ -130,3 +130,20 @@ def test_concurrent_ranks_lose_no_commit(store: Store) -> None:
     assert [s.next_sequence for s in store.shards(ids[0])] == [25] * world
     got = store.get(ids[0])
     assert got is not None and got.num_samples == 25 * world
+
+
+def test_each_chunk_keeps_the_digest_of_its_input_and_a_resend_does_not_replace_it(store: Store) -> None:
+    """The digest judges a re-sent sequence on any replica, so it is stored in the chunk's own commit
+    (refused chunks included) and a resend of the sequence, with any digest, leaves it as it was."""
+    ev, _ = open_rank(store)
+    first = ChunkCommit(0, 3, b"chunk-0", 1.5, 2, digest=b"\x01first")
+    refused = ChunkCommit(1, rejection=Rejection(1, "non_finite", "a NaN"), digest=b"\x01refused")
+    undecoded = ChunkCommit(2, rejection=Rejection(2, "bad_dtype", "dtype unset"))
+    commit(store, ev.evaluation_id, 0, first, refused, undecoded)
+    assert store.chunk_digest(ev.evaluation_id, 0, 0) == b"\x01first"
+    assert store.chunk_digest(ev.evaluation_id, 0, 1) == b"\x01refused"
+    assert store.chunk_digest(ev.evaluation_id, 0, 2) is None  # refused before it decoded
+    assert store.chunk_digest(ev.evaluation_id, 0, 3) is None  # not committed
+    conflict(store, ev.evaluation_id, 0, ChunkCommit(0, 3, b"other", 1.5, 2, digest=b"\x01other"))
+    assert store.chunk_digest(ev.evaluation_id, 0, 0) == b"\x01first"
+    assert store.chunk_records(ev.evaluation_id) == [b"chunk-0"]
