@@ -130,7 +130,11 @@ def _ingest_worker(
     channel.close()
 
 
-def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float) -> list[dict[str, Any]]:
+def ingest(
+    samples: int, repeats: int, worlds: list[int], ceiling_seconds: float, settle_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Ingest capacity per stream count. ``settle_s``: a pause after each run's finalize, so the store's
+    reclaim of that evaluation's chunks (a finalize frees them) does not run during the next run."""
     from evalstream.service.engine import EngineConfig
     from evalstream.service.records_wire import layout_for
 
@@ -165,6 +169,7 @@ def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float
                     for p in procs:
                         p.join(60)
                     step += 1
+                    time.sleep(settle_s)
                     n = sum(p["samples"] for p in parts)
                     elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
                     if rep == 0:
@@ -188,6 +193,8 @@ def ingest(samples: int, repeats: int, worlds: list[int], ceiling_seconds: float
                         "close+finalize s": statistics.median(finals),
                         "server RSS after ingest MiB": max(rss),
                         "server peak RSS MiB": peak_rss_bytes(server.pid) / MIB,
+                        "runs samples/s": rates,
+                        "runs server cpu us/sample": cpu,
                     }
                 )
     finally:
@@ -206,9 +213,12 @@ MODES = [
     ("client", "compiled", True),
     ("client", "compiled", False),
 ]
+# With CUDA tensors: the logits path (add() copies the scores to the host) against the client's engine
+# on the device (eager: the compiled CUDA kernel needs Triton and is opt-in).
+CUDA_MODES = [("server", "eager", True), ("client", "eager", True)]
 
 
-def _batches(c: int, dtype: str, rows: int, count: int = 2) -> list[tuple[Any, Any]]:
+def _batches(c: int, dtype: str, rows: int, count: int = 2, device: str = "cpu") -> list[tuple[Any, Any]]:
     import torch
 
     g = torch.Generator().manual_seed(c)
@@ -217,16 +227,19 @@ def _batches(c: int, dtype: str, rows: int, count: int = 2) -> list[tuple[Any, A
         labels = torch.randint(0, c, (rows,), generator=g)
         scores = torch.randn(rows, c, generator=g)
         scores[torch.arange(rows), labels] += 3.0
-        out.append((scores.to(getattr(torch, dtype)), labels))
+        out.append((scores.to(getattr(torch, dtype)).to(device), labels.to(device)))
     return out
 
 
-def _e2e_worker(target: str, jobs: Any, results: Any) -> None:
-    """Child process: one rank; each job streams ``batches`` batches in one mode and reports."""
+def _e2e_worker(target: str, jobs: Any, results: Any, device: str = "cpu", threads: int = 0) -> None:
+    """Child process: one rank; each job streams ``batches`` batches in one mode and reports.
+    ``threads`` > 0 sets the process's torch threads (what a training process would have set)."""
     import torch
 
     from evalstream.client import EvalClient
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     client = EvalClient(target)
     data: dict[tuple[int, str], list[tuple[Any, Any]]] = {}
     while (job := jobs.get()) is not None:
@@ -234,7 +247,9 @@ def _e2e_worker(target: str, jobs: Any, results: Any) -> None:
         key = (c, dtype)
         if key not in data:
             data.clear()
-            data[key] = _batches(c, dtype, rows)
+            data[key] = _batches(c, dtype, rows, device=device)
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         cpu0 = os.times()
         add_s = 0.0
@@ -282,22 +297,51 @@ def engine_us_per_sample(c: int, dtype: str, backend: str, rows: int) -> float:
         torch.set_num_threads(threads)
 
 
-def e2e(repeats: int, budget_bytes: int) -> list[dict[str, Any]]:
+def engine_gpu_us_per_sample(c: int, dtype: str, backend: str, rows: int) -> float:
+    """Wall µs a sample of the engine alone on the GPU (synchronized), after a warm-up call."""
+    import torch
+
+    from evalstream.service.engine import EngineConfig
+    from evalstream.service.engine.reducer import ChunkReducer
+
+    reducer = ChunkReducer(c, EngineConfig(device="cuda", backend=backend))
+    scores, labels = _batches(c, dtype, rows, count=1, device="cuda")[0]
+    reducer.reduce(scores, labels)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        reducer.reduce(scores, labels)
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / (5 * rows)
+
+
+def e2e(
+    repeats: int,
+    budget_bytes: int,
+    cases: list[tuple[int, str]] | None = None,
+    modes: list[tuple[str, str, bool]] | None = None,
+    device: str = "cpu",
+    threads: int = 0,
+) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     out: list[dict[str, Any]] = []
     step = 0
+    cases = cases or CASES
+    modes = modes or (MODES if device == "cpu" else CUDA_MODES)
     with ServerProcess() as server:
         jobs, results = ctx.Queue(), ctx.Queue()
-        proc = ctx.Process(target=_e2e_worker, args=(server.target, jobs, results), daemon=True)
+        proc = ctx.Process(
+            target=_e2e_worker, args=(server.target, jobs, results, device, threads), daemon=True
+        )
         proc.start()
         try:
-            for c, dtype in CASES:
+            for c, dtype in cases:
                 itemsize = 4 if dtype == "float32" else 2
                 rows = max(64, min(4096, (64 * MIB) // (c * itemsize)))
                 batches = max(2, budget_bytes // (rows * c * itemsize))
                 rates: dict[str, float] = {}
                 projected: dict[str, float] = {}
-                for mode, backend, copy in MODES:
+                for mode, backend, copy in modes:
                     jobs.put((c, dtype, rows, 1, mode, backend, copy, step))  # warm-up (and compile)
                     results.get(timeout=900)
                     step += 1
@@ -333,8 +377,11 @@ def e2e(repeats: int, budget_bytes: int) -> list[dict[str, Any]]:
                             "samples/run": runs[0]["samples"],
                         }
                     )
-                for backend in ("eager", "compiled"):
-                    us = engine_us_per_sample(c, dtype, backend, min(rows, 1024))
+                for backend in ("eager", "compiled") if device == "cpu" else ("eager",):
+                    if device == "cpu":
+                        us = engine_us_per_sample(c, dtype, backend, min(rows, 1024))
+                    else:
+                        us = engine_gpu_us_per_sample(c, dtype, backend, rows)
                     out.append(
                         {
                             "C": c,
@@ -405,17 +452,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ingest-samples", type=int, default=2_000_000, help="records per ingest run")
     ap.add_argument("--ingest-streams", default="1,2")
+    ap.add_argument(
+        "--ingest-settle", type=float, default=0.0, help="seconds to wait after each ingest run's finalize"
+    )
     ap.add_argument("--e2e-mib", type=int, default=256, help="score bytes per end-to-end run")
     ap.add_argument("--add-batches", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help='where the end-to-end scores live: "cpu" or "cuda"')
+    ap.add_argument(
+        "--cases",
+        default="",
+        help="end-to-end cases as C:dtype,... (default 3000:float32,32768:bfloat16,...)",
+    )
+    ap.add_argument(
+        "--modes", default="", help="end-to-end modes as reduce:backend:copy,... (e.g. client:compiled:1)"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the client process (0: default)")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     result: dict[str, Any] = {}
     if "ingest" in parts:
         worlds = [int(w) for w in args.ingest_streams.split(",")]
-        result["ingest"] = ingest(args.ingest_samples, args.repeats, worlds, 1.5)
-        print(table(result["ingest"], list(result["ingest"][0])))
+        result["ingest"] = ingest(args.ingest_samples, args.repeats, worlds, 1.5, args.ingest_settle)
+        print(table(result["ingest"], [k for k in result["ingest"][0] if not k.startswith("runs ")]))
     if "e2e" in parts:
-        result["e2e"] = e2e(args.repeats, args.e2e_mib * MIB)
+        cases = [(int(c), d) for c, d in (x.split(":") for x in args.cases.split(",") if x)]
+        modes = [(r, b, cp == "1") for r, b, cp in (x.split(":") for x in args.modes.split(",") if x)]
+        result["e2e"] = e2e(
+            args.repeats, args.e2e_mib * MIB, cases or None, modes or None, args.device, args.threads
+        )
         cols = [
             "C",
             "dtype",
@@ -436,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "add" in parts:
         result["add"] = add_cost(args.add_batches)
         print(table(result["add"], list(result["add"][0])))
-    write_json("records", result)
+    write_json("records" if args.device == "cpu" else f"records_{args.device}", result)
     return result
 
 

@@ -16,7 +16,11 @@ Where the work runs, so that ``add()`` never waits on a compile or a device:
 - The stream's sender thread reduces each batch: on the CPU with the engine's eager backend
   (the compiled kernel is opt-in, ``reduce_backend="compiled"``, and compiles on the sender
   thread, never the training thread); on CUDA on a side stream that first waits for the
-  caller's event, so the sender's synchronization blocks only the sender.
+  caller's event. The engine's outputs come back to the host asynchronously: copied
+  (``non_blocking``) into pinned host buffers reused from a small pool (``PinnedPool``: one
+  buffer per output, grown to the largest batch, never more), then an event recorded on the side
+  stream, which the sender thread waits on; so the only waits are the sender's, and the
+  records are checked and encoded from host memory.
 - The records are cut into ~``chunk_bytes`` RecordsChunk messages with the shard's sequence
   numbers, and from there travel exactly like chunks of scores (acknowledged, replayed on a
   dropped connection, deduplicated by sample id at finalize).
@@ -134,6 +138,35 @@ class RecordsBatch:
             self.source = None
 
 
+class PinnedPool:
+    """Pinned host buffers for the engine's outputs coming back from a device, reused batch after
+    batch: one per (dtype, trailing shape), grown (to a power of two rows) when a batch is larger,
+    so the pool holds at most one buffer per output, sized for the largest batch. Used by the
+    sender thread only, one batch at a time (its records are copied out before the next)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, tuple[int, ...]], Any] = {}
+        self.allocations = 0  # how many buffers were ever pinned (the tests check the reuse)
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A pinned [rows, ...] host tensor of ``like``'s dtype and shape (a view of a pooled one)."""
+        import torch
+
+        rows, rest = int(like.shape[0]), tuple(int(d) for d in like.shape[1:])
+        key = (like.dtype, rest)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows:
+            capacity = 1 << max(0, rows - 1).bit_length()
+            buf = torch.empty((capacity, *rest), dtype=like.dtype, pin_memory=True)
+            self._buffers[key] = buf
+            self.allocations += 1
+        return buf[:rows]
+
+    @property
+    def buffers(self) -> int:
+        return len(self._buffers)
+
+
 @dataclass
 class ClientEngine:
     """The engine configured from the server's open reply; used by the sender thread only."""
@@ -145,6 +178,7 @@ class ClientEngine:
     rows_per_message: int
     _reducers: dict[str, ChunkReducer] = field(default_factory=dict)
     _side_streams: dict[str, Any] = field(default_factory=dict)
+    pinned: PinnedPool = field(default_factory=PinnedPool)
 
     @classmethod
     def from_reply(
@@ -224,7 +258,25 @@ class ClientEngine:
             self._side_streams[key] = stream
         stream.wait_event(batch.event)
         with torch.cuda.stream(stream):
-            return self.reducer(key).reduce(batch.scores, batch.labels, batch.sample_ids)
+            return self.reducer(key).reduce(
+                batch.scores, batch.labels, batch.sample_ids, to_host=lambda *t: self._to_host(stream, t)
+            )
+
+    def _to_host(self, stream: Any, outputs: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+        """The engine's outputs copied into pinned host buffers behind the reduction on ``stream``;
+        the sender thread waits on the copies' event (the training thread never waits)."""
+        import torch
+
+        host = []
+        for t in outputs:
+            buf = self.pinned.take(t)
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        copied.synchronize()
+        floats, ints, lse = host
+        return floats, ints, lse
 
 
 def _torch_scores(batch: HostBatch) -> Any:

@@ -67,6 +67,12 @@ CHUNK_SAMPLE_IDS = _field(_CHUNK, "sample_ids", _T.TYPE_MESSAGE)
 TENSOR_DTYPE = _field(_TENSOR, "dtype", _T.TYPE_ENUM)
 TENSOR_SHAPE = _field(_TENSOR, "shape", _T.TYPE_INT64, repeated=True)  # packed: proto3's default
 TENSOR_RAW = _field(_TENSOR, "raw_contents", _T.TYPE_BYTES)
+_RECORDS = service_pb2.RecordsChunk
+REQUEST_RECORDS = _field(_REQUEST, "records", _T.TYPE_MESSAGE)
+RECORDS_SEQUENCE = _field(_RECORDS, "sequence", _T.TYPE_UINT64)
+RECORDS_LAYOUT_VERSION = _field(_RECORDS, "layout_version", _T.TYPE_UINT32)
+RECORDS_ROWS = _field(_RECORDS, "rows", _T.TYPE_UINT64)
+RECORDS_COLUMNS = _field(_RECORDS, "columns", _T.TYPE_BYTES)
 
 
 def _tag(number: int, wire_type: int) -> int:
@@ -374,9 +380,52 @@ def _chunk(buf: memoryview, pos: int, end: int) -> RawChunk:
     return RawChunk(sequence, scores or EMPTY_TENSOR, labels or EMPTY_TENSOR, ids)
 
 
+class RawRecords(NamedTuple):
+    """A RecordsChunk read off the wire: its fields as protobuf would read them, ``columns`` a view of
+    the received bytes (protobuf would copy them once to parse and once more on each read)."""
+
+    sequence: int
+    layout_version: int
+    rows: int
+    columns: Buffer
+
+
+# RecordsChunk's varint fields by tag, as their index in (sequence, layout_version, rows).
+_RECORDS_VARINTS = {
+    _tag(n, _VARINT): i for i, n in enumerate((RECORDS_SEQUENCE, RECORDS_LAYOUT_VERSION, RECORDS_ROWS))
+}
+_COLUMNS_TAG = _tag(RECORDS_COLUMNS, _LEN)
+_UINT32_MAX = (1 << 32) - 1
+
+
+def _records(buf: memoryview, pos: int, end: int) -> RawRecords:
+    """A RecordsChunk message in plain form: its three varints and ``columns``, none twice."""
+    values = [0, 0, 0]
+    columns: Buffer = b""
+    seen: set[int] = set()
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        if tag in seen or (tag != _COLUMNS_TAG and tag not in _RECORDS_VARINTS):
+            raise _Unusual
+        seen.add(tag)
+        if tag == _COLUMNS_TAG:
+            stop, pos = _length(buf, pos, end)
+            columns = buf[pos:stop]
+            pos = stop
+        else:
+            index = _RECORDS_VARINTS[tag]
+            values[index], pos = _varint(buf, pos, end)
+            if index == 1 and values[index] > _UINT32_MAX:
+                raise _Unusual  # protobuf truncates a uint32 to its low 32 bits
+    return RawRecords(values[0], values[1], values[2], columns)
+
+
 # The request payloads read without protobuf, by the tag of their field in StreamEvaluationRequest.
-Payload = RawChunk
-_PAYLOADS: dict[int, Callable[[memoryview, int, int], Payload]] = {_tag(REQUEST_CHUNK, _LEN): _chunk}
+Payload = RawChunk | RawRecords
+_PAYLOADS: dict[int, Callable[[memoryview, int, int], Payload]] = {
+    _tag(REQUEST_CHUNK, _LEN): _chunk,
+    _tag(REQUEST_RECORDS, _LEN): _records,
+}
 
 
 def parse_payload(data: bytes) -> Payload | None:

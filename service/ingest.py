@@ -33,12 +33,12 @@ import torch
 
 from evalstream.service.commit import ChunkOutcome, ChunkRejection, Committer
 from evalstream.service.decode import DecodedChunk
-from evalstream.service.engine import Records
 from evalstream.service.engine.reducer import resolve_backend, resolve_device
 from evalstream.service.errors import FailedPrecondition, InvalidArgument
 from evalstream.service.finalizations import Waiters, finalized_in
 from evalstream.service.finalizer import Finalizer
 from evalstream.service.leases import Lease, LeaseTable, OwningStore, SharedHolds
+from evalstream.service.records_wire import Received
 from evalstream.service.recovery import recover
 from evalstream.service.reduction import Reduction
 from evalstream.service.settings import Settings
@@ -290,7 +290,7 @@ class Coordinator:
         return await _writer(lease).submit(sequence, decode)
 
     def submit_records(
-        self, lease: Lease, sequence: int, decode: Callable[[], Records]
+        self, lease: Lease, sequence: int, decode: Callable[[], Received]
     ) -> asyncio.Future[ChunkOutcome]:
         """Take one RecordsChunk (a client's records) and return its outcome's future; same sequence
         rules, commit path and acknowledgements as a chunk of scores (see ``shard_writer.py``)."""

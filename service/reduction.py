@@ -22,6 +22,7 @@ from evalstream.service.engine import ChunkError, EngineConfig, Records
 from evalstream.service.engine.metrics import running_summary
 from evalstream.service.engine.records import FIELDS
 from evalstream.service.engine.reducer import ChunkReducer
+from evalstream.service.records_wire import Received
 from evalstream.service.staging import StagingBlock
 from evalstream.service.telemetry import Telemetry
 
@@ -94,19 +95,20 @@ class Reduction:
                 log.info("engine warm-up: kernel for %d classes, %s ready", classes, str(dtype)[6:])
 
     @staticmethod
-    def records(decode: Callable[[], Records]) -> Part:
-        """A RecordsChunk a client reduced: decoded and validated (``records_wire.decode_records``)."""
+    def records(decode: Callable[[], Received]) -> Part:
+        """A RecordsChunk a client reduced: decoded and validated (``records_wire.receive``); its
+        blob is the received columns behind a head, not the records serialized again."""
         try:
-            records = decode()
+            received = decode()
         except ChunkError as exc:
             return exc
+        records = received.records
         if len(records) == 0:
             return Reduced(None, 0, 0.0, 0, 0, "client")
+        nll_sum, correct = running_summary(records)
         # The column bytes received (reading the message's bytes field again would copy it).
-        reduced = _packed(records, int(len(records) * records.nbytes_per_sample()))
-        return Reduced(
-            reduced.records, reduced.samples, reduced.nll_sum, reduced.correct, reduced.num_bytes, "client"
-        )
+        num_bytes = int(len(records) * records.nbytes_per_sample())
+        return Reduced(received.blob, len(records), nll_sum, correct, num_bytes, "client")
 
     def chunk(self, num_classes: int, score_kind: str, chunk: DecodedChunk) -> Part:
         """One chunk on its own (empty, or larger than a block), from zero-copy views of the message."""

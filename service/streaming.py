@@ -35,7 +35,7 @@ from evalstream.v1 import service_pb2
 # Answers of one stream waiting to be sent. Chunks are copied into the stream's staging blocks as they
 # arrive (which bound its memory), so this only needs to exceed the chunks of two blocks.
 PIPELINE_DEPTH = 256
-StreamRequest = service_pb2.StreamEvaluationRequest | wire.RawChunk
+StreamRequest = service_pb2.StreamEvaluationRequest | wire.RawChunk | wire.RawRecords
 Response = service_pb2.StreamEvaluationResponse
 _ACK_MODES = {service_pb2.ACK_MODE_PER_CHUNK: False, service_pb2.ACK_MODE_CUMULATIVE: True}
 
@@ -130,8 +130,8 @@ class StreamHandler:
         """Turn each request into the future of its answer; a protocol error is the last answer.
 
         Requests arrive as ``wire.parse_stream_request`` made them: a plain chunk as a
-        ``RawChunk`` read off the wire, anything else as a protobuf message, checked here for
-        fields this server does not know.
+        ``RawChunk`` and plain records as ``RawRecords``, read off the wire; anything else as a
+        protobuf message, checked here for fields this server does not know.
         """
         loop = asyncio.get_running_loop()
         try:
@@ -139,6 +139,8 @@ class StreamHandler:
                 raw: wire.RawChunk | None
                 if isinstance(request, wire.RawChunk):
                     kind, raw = "chunk", request
+                elif isinstance(request, wire.RawRecords):
+                    kind, raw = "records", None
                 else:
                     kind = request.WhichOneof("message")
                     unknown = unknown_fields(request)
@@ -152,7 +154,8 @@ class StreamHandler:
                 future: asyncio.Future[Any]
                 if kind == "records":
                     assert not isinstance(request, wire.RawChunk)
-                    future = self._records(request.records, stream)
+                    records = request if isinstance(request, wire.RawRecords) else request.records
+                    future = self._records(records, stream)
                 elif raw is not None:
                     if stream.lease is None:
                         raise FailedPrecondition(
@@ -164,7 +167,7 @@ class StreamHandler:
                     decode = functools.partial(decode_raw, raw, lease.num_classes, self.max_rows)
                     future = await self.coordinator.submit_chunk(lease, raw.sequence, decode)
                 else:
-                    assert not isinstance(request, wire.RawChunk)
+                    assert isinstance(request, service_pb2.StreamEvaluationRequest)
                     future = loop.create_future()
                     future.set_result(await self._control(request, kind, peer, stream))
                 await answers.put(future)
@@ -174,7 +177,9 @@ class StreamHandler:
             failed.set_exception(exc)
             await answers.put(failed)
 
-    def _records(self, msg: service_pb2.RecordsChunk, stream: _Stream) -> asyncio.Future[Any]:
+    def _records(
+        self, msg: service_pb2.RecordsChunk | wire.RawRecords, stream: _Stream
+    ) -> asyncio.Future[Any]:
         """A RecordsChunk: only on a shard opened with REDUCE_MODE_CLIENT (it got the layout)."""
         lease = stream.lease
         if lease is None:
@@ -187,7 +192,7 @@ class StreamHandler:
                 "reduce=REDUCE_MODE_CLIENT to send RecordsChunk"
             )
         decode = functools.partial(
-            records_wire.decode_records, msg, self.records_layout, lease.num_classes, self.records_max_rows
+            records_wire.receive, msg, self.records_layout, lease.num_classes, self.records_max_rows
         )
         return self.coordinator.submit_records(lease, msg.sequence, decode)
 

@@ -53,6 +53,19 @@ FIELDS: dict[str, str] = {
 }
 
 
+def blob_head(n: int, inverse_temperatures: Iterable[float], dims: dict[str, tuple[int, ...]]) -> bytes:
+    """The binary form up to its arrays, for n records with these per-record field shapes (what
+    ``to_bytes`` writes before the columns; records received as raw columns in FIELDS order
+    become a blob by adding only this)."""
+    header = {
+        "n": n,
+        "inverse_temperatures": [float(a) for a in inverse_temperatures],
+        "fields": [[name, FIELDS[name], [int(d) for d in dims[name]]] for name in FIELDS],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<BI", VERSION, len(head)) + head
+
+
 @dataclass
 class Records:
     """Column arrays of length n (``nll_t`` is [n, G]).
@@ -182,13 +195,8 @@ class Records:
         )
 
     def to_bytes(self) -> bytes:
-        header = {
-            "n": len(self),
-            "inverse_temperatures": [float(a) for a in self.inverse_temperatures],
-            "fields": [[name, FIELDS[name], list(getattr(self, name).shape[1:])] for name in FIELDS],
-        }
-        head = json.dumps(header, separators=(",", ":")).encode()
-        chunks = [MAGIC, struct.pack("<BI", VERSION, len(head)), head]
+        dims = {name: tuple(getattr(self, name).shape[1:]) for name in FIELDS}
+        chunks = [blob_head(len(self), self.inverse_temperatures, dims)]
         chunks += [np.ascontiguousarray(getattr(self, name), dtype=FIELDS[name]).tobytes() for name in FIELDS]
         return b"".join(chunks)
 

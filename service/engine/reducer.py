@@ -28,6 +28,7 @@ so a GPU never waits on the host between blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,11 @@ BUFFER_BYTES = 3 << 20
 CUDA_BUFFER_BYTES = 64 << 20
 # Log-probability rows may exceed log(1) = 0 by this much in logsumexp (rounding in the sender).
 LOG_PROB_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+# Brings (floats, ints, logsumexp) from the engine's device to the host (see ChunkReducer.reduce).
+Outputs3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+HostCopy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Outputs3]
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -157,8 +163,14 @@ class ChunkReducer:
         "eager" (compiles on first use, as ``reduce`` would)."""
         return "eager" if self._kernel(dtype) is None else "compiled"
 
-    def reduce(self, scores: object, labels: object, sample_ids: object = None) -> Records:
-        """Records for one chunk; ``ChunkError`` (and nothing else changed) on bad input."""
+    def reduce(
+        self, scores: object, labels: object, sample_ids: object = None, to_host: HostCopy | None = None
+    ) -> Records:
+        """Records for one chunk; ``ChunkError`` (and nothing else changed) on bad input.
+
+        ``to_host`` brings the engine's outputs (floats, ints, logsumexp) to the host before they
+        are checked and turned into records: a caller on a device passes one that copies them into
+        pinned buffers and waits on an event (client/reduce.py); by default ``.cpu()``."""
         chunk = validate(scores, labels, sample_ids, self.num_classes)
         n = chunk.labels.shape[0]
         grid = self.config.inverse_temperatures
@@ -170,6 +182,8 @@ class ChunkReducer:
                 floats, ints, lse = self._reduce_eager(chunk.scores, chunk.labels)
             else:
                 floats, ints, lse = self._reduce_compiled(kernel, chunk.scores, chunk.labels)
+            if to_host is not None:
+                floats, ints, lse = to_host(floats, ints, lse)
             self._check(chunk.scores, floats, lse)
         floats_np = floats.cpu().numpy()
         ints_np = ints.cpu().numpy()

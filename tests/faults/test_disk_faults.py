@@ -168,7 +168,9 @@ def test_full_disk_refuses_chunks_with_resource_exhausted(tmp_path: Path, fault_
 
     write_config(server.config, server.data_dir, server.port)
     model = "full"
-    data = rank_batches(0, 40, 500, NUM_CLASSES, seed=9)  # ~40 KB of records a chunk
+    # ~40 KB of records a chunk, 3 MiB in all: more than the file system holds even with the WAL
+    # copied into the database beside the writer (the store then needs little beyond the records).
+    data = rank_batches(0, 80, 500, NUM_CLASSES, seed=9)
     chunks = chunk_requests(data)
     try:
         server.start()
