@@ -82,6 +82,10 @@ class Checkpointer:
     def __init__(self, path: str, synchronous: int) -> None:
         self._path, self._synchronous = path, synchronous
         self._wanted = threading.Event()
+        # Held around every checkpoint of this store, this thread's and the writer's: SQLite runs one
+        # checkpoint at a time and answers a second with "busy" at once (no busy wait), so without it
+        # the writer's truncating checkpoint after a reclaim could be lost to a passive one here.
+        self.lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="evalstream-store-checkpointer", daemon=True)
         self._thread.start()
@@ -106,7 +110,8 @@ class Checkpointer:
                     break
                 time.sleep(CHECKPOINT_INTERVAL_S)  # let commits gather: one checkpoint (two syncs) for them
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    with self.lock:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:
                     log.warning(
                         "background WAL checkpoint failed (the writer's own takes over)", exc_info=True
@@ -186,9 +191,11 @@ class Writer:
         shrinking of the database file takes effect. Waits only briefly for readers: a busy
         checkpoint is retried after the next reclaim, and the size limit bounds the WAL meanwhile."""
         conn = self._conn
+        sibling = self._checkpointer.lock if self._checkpointer is not None else contextlib.nullcontext()
         try:
             conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
-            busy, wal_pages, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            with sibling:
+                busy, wal_pages, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if busy:
                 log.info("WAL checkpoint stopped by readers (%d of %d pages copied)", moved, wal_pages)
         except sqlite3.Error:
