@@ -15,7 +15,7 @@ from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.imbalance import imbalance
 from evalstream.service.engine.records import Records
 from evalstream.service.engine.report import LossSummary, MetricReport
-from evalstream.service.engine.temperature import scan
+from evalstream.service.engine.temperature import scan_records
 
 # A share of samples whose label's score ties another class's above which an evaluation warns:
 # float32 logits of a healthy model almost never tie exactly (well under 0.1% of samples even in
@@ -80,6 +80,6 @@ def compute_metrics(
         brier=float(records.brier.sum(dtype=np.float64)) / n if n else 0.0,
         entropy=float(records.entropy.sum(dtype=np.float64)) / n if n else 0.0,
         imbalance=imbalance(records.label, records.pred, credit, num_classes, config.top_confusions),
-        temperature=scan(records.nll_t, records.inverse_temperatures),
+        temperature=scan_records(records),
         label_tie_share=float(np.count_nonzero(records.tied)) / n if n else 0.0,
     )

@@ -111,3 +111,35 @@ def ladder(inverse_temperatures: tuple[float, ...]) -> Ladder:
         k = a / step
         exponents.append(round(k) if k.is_integer() and 1 <= k <= MAX_EXPONENT else None)
     return Ladder(step, tuple(exponents))
+
+
+# The residual sums of the temperature model (curve.py) take every grid point as a power of one
+# exponential when the grid is made of multiples of one of these steps (the default grid's is 1/40).
+REST_STEPS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.1, 0.05, 0.025, 0.0125)
+# Their ladder rounds about k/2 float32 ulps into q ** k: 400 ulps (2.4e-5 relative) at k = 800,
+# the default grid's b = 20, where the residual is a small share of the sum. Beyond: exp directly.
+MAX_REST_EXPONENT = 1024
+
+
+@dataclass(frozen=True)
+class RestPlan:
+    """How the engine gets sum_c exp(b (d_c - d_5)) over the classes outside the top 4 at each b.
+
+    ``step``: the exponential's step s (r = exp(s x)); every grid point with ``exponents[j]`` not
+    None is r ** k with k = b / s, by squarings and products; the others take exp(b x) directly.
+    """
+
+    step: float
+    exponents: tuple[int | None, ...]
+
+    def needed(self) -> tuple[int, ...]:
+        return tuple(sorted({k for k in self.exponents if k is not None}))
+
+
+def rest_plan(inverse_temperatures: tuple[float, ...]) -> RestPlan:
+    """The coarsest step of which every grid point is a multiple (to 1e-9), else the direct path."""
+    for step in REST_STEPS:
+        ks = [a / step for a in inverse_temperatures]
+        if all(abs(k - round(k)) <= 1e-9 * k and 1 <= round(k) <= MAX_REST_EXPONENT for k in ks):
+            return RestPlan(step, tuple(round(k) for k in ks))
+    return RestPlan(1.0, tuple(None for _ in inverse_temperatures))

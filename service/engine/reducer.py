@@ -11,7 +11,7 @@ Per block of rows (z = scores upcast to float32, y = labels):
     nll         = (m - z_y) + log S
     brier       = sum_c p_c^2 - 2 p_y + 1
     entropy     = log S - sum_c p_c (z_c - m)
-    nll_t[a]    = a * nll + log sum_c p_c^a      (see powers.py)
+    top_gaps, log_rest: the temperature model's columns (fused.rest_columns, curve.py)
 
 Buffers are allocated once, sized for ``rows`` rows, and reused for every block
 of every chunk: fresh full-size tensors per chunk cost page faults that
@@ -36,9 +36,9 @@ import torch
 
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.errors import ChunkError
-from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for
-from evalstream.service.engine.powers import PowerPlan, plan
-from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, Records
+from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for, rest_columns
+from evalstream.service.engine.powers import RestPlan, rest_plan
+from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, TOP_GAPS, Records
 from evalstream.service.engine.validate import locate_non_finite, validate
 
 # One [rows, C] float32 buffer stays at or under this size: ~256 rows at C=3,000, so the
@@ -114,7 +114,7 @@ class ChunkReducer:
         self.backend = resolve_backend(config.backend, self.device)
         cap = CUDA_BUFFER_BYTES if self.device.type == "cuda" else BUFFER_BYTES
         self.rows = max(1, min(config.block_rows, cap // (4 * num_classes)))
-        self.plan: PowerPlan = plan(config.inverse_temperatures)
+        self.plan: RestPlan = rest_plan(tuple(float(a) for a in config.inverse_temperatures))
         self.grid = np.asarray(config.inverse_temperatures, dtype=np.float64)
         if config.intra_op_threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(config.intra_op_threads)
@@ -202,7 +202,8 @@ class ChunkReducer:
             confidence=floats_np[:, 1].copy(),
             brier=floats_np[:, 2].copy(),
             entropy=floats_np[:, 3].copy(),
-            nll_t=np.ascontiguousarray(floats_np[:, 4:]),
+            top_gaps=np.ascontiguousarray(floats_np[:, 4 : 4 + TOP_GAPS]),
+            log_rest=np.ascontiguousarray(floats_np[:, 4 + TOP_GAPS :]),
             inverse_temperatures=self.grid.copy(),
         )
 
@@ -243,8 +244,8 @@ class ChunkReducer:
         """The block loop: outputs filled block by block on the device."""
         n = labels.shape[0]
         g = len(self.config.inverse_temperatures)
-        # Output columns: nll, conf, brier, entropy, nll_t...; pred, rank, ties; logsumexp per row.
-        floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
+        # Output columns: nll, conf, brier, entropy, top_gaps, log_rest...; pred, rank, ties; logsumexp.
+        floats = torch.empty((n, 4 + TOP_GAPS + g), dtype=torch.float32, device=self.device)
         ints = torch.empty((n, 3), dtype=torch.int32, device=self.device)
         lse = torch.empty(n, dtype=torch.float32, device=self.device)
         labels_dev = labels.to(self.device, non_blocking=True)
@@ -323,38 +324,11 @@ class ChunkReducer:
         out_f[:, 1] = conf
         out_f[:, 2] = brier
         out_f[:, 3] = entropy
-        self._temperatures(z, zy, p, p2, sum_p2, nll, out_f[:, 4:])
+        d = torch.sub(z, m.unsqueeze(1), out=work)
+        grid = tuple(float(a) for a in self.config.inverse_temperatures)
+        gaps, log_rest = rest_columns(z, m.unsqueeze(1), d, grid, self.plan)
+        out_f[:, 4 : 4 + TOP_GAPS] = gaps
+        out_f[:, 4 + TOP_GAPS :] = log_rest
         out_i[:, 0] = first
         out_i[:, 1] = rank.clamp_(max=float(self.config.max_rank))
         out_i[:, 2] = ties
-
-    def _temperatures(
-        self,
-        z: torch.Tensor,
-        zy: torch.Tensor,
-        p: torch.Tensor,
-        p2: torch.Tensor,
-        sum_p2: torch.Tensor,
-        nll: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        """nll_t[:, j] for every grid point, from powers of p (see powers.py)."""
-        b = p.shape[0]
-        bases: dict[float, torch.Tensor] = {1.0: p, 2.0: p2}
-        if self.plan.needs_sqrt:
-            bases[0.5] = torch.sqrt(p, out=self._buf("p_half")[:b])
-        if self.plan.needs_quarter:
-            bases[0.25] = torch.sqrt(bases[0.5], out=self._buf("p_quarter")[:b])
-        for j, term in enumerate(self.plan.terms):
-            a = term.a
-            if term.kind == "one":
-                out[:, j] = nll
-            elif term.kind == "direct":
-                scaled = torch.mul(z, a, out=self._buf("scaled")[:b])
-                out[:, j] = torch.logsumexp(scaled, dim=1) - a * zy
-            else:
-                if term.kind == "sum":
-                    s = sum_p2 if a == 2.0 else bases[a].sum(dim=1)
-                else:
-                    s = _rowdot(bases[term.left], bases[term.right], self._buf("work")[:b])
-                out[:, j] = a * nll + torch.log(s)
