@@ -40,7 +40,24 @@ def per_sample(
         "ties": ties,
         "pred": z.argmax(axis=1),
         "nll_t": np.stack([logsumexp(a * z) - a * zy for a in inverse_temperatures], axis=1),
+        **temperature_model(z, inverse_temperatures),
     }
+
+
+ABSENT = -1e30
+
+
+def temperature_model(z: np.ndarray, inverse_temperatures: np.ndarray) -> dict[str, np.ndarray]:
+    """top_gaps (2nd-4th largest z minus the max) and log_rest (log of sum exp(b (z_c - max)) over the
+    classes outside the 4 largest), by sorting each row: ABSENT where there are not enough classes."""
+    n, c = z.shape
+    d = np.sort(z - z.max(axis=1, keepdims=True), axis=1)[:, ::-1]
+    gaps = np.full((n, 3), ABSENT)
+    gaps[:, : min(3, c - 1)] = d[:, 1:4]
+    rest = np.full((n, len(inverse_temperatures)), ABSENT)
+    if c >= 5:
+        rest = np.stack([logsumexp(a * d[:, 4:]) for a in inverse_temperatures], axis=1)
+    return {"top_gaps": gaps, "log_rest": rest}
 
 
 def topk_credit(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
@@ -106,6 +123,28 @@ def buckets(labels: np.ndarray, correct: np.ndarray, num_classes: int) -> list[t
 def confusions(labels: np.ndarray, pred: np.ndarray, k: int) -> list[tuple[int, int, int]]:
     counts = Counter((int(a), int(b)) for a, b in zip(labels, pred, strict=True) if a != b)
     return [(a, b, c) for (a, b), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def exact_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 1 / 60, hi: float = 60.0) -> tuple[float, float]:
+    """(T*, mean NLL at T*) by golden-section search in log b over the float64 logits themselves (the
+    NLL is convex in b = 1/T), to 1e-10 in log b."""
+    z = logits.astype(np.float64)
+    zy = z[np.arange(len(labels)), labels]
+
+    def f(log_b: float) -> float:
+        b = np.exp(log_b)
+        return float(np.mean(logsumexp(b * z) - b * zy))
+
+    a, c = np.log(lo), np.log(hi)
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    while c - a > 1e-10:
+        x1, x2 = c - g * (c - a), a + g * (c - a)
+        if f(x1) <= f(x2):
+            c = x2
+        else:
+            a = x1
+    x = (a + c) / 2
+    return float(np.exp(-x)), f(x)
 
 
 def best_temperature(temps: np.ndarray, nll: np.ndarray) -> tuple[float, float]:
