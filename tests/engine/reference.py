@@ -125,7 +125,9 @@ def confusions(labels: np.ndarray, pred: np.ndarray, k: int) -> list[tuple[int, 
     return [(a, b, c) for (a, b), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
 
 
-def exact_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 1 / 60, hi: float = 60.0) -> tuple[float, float]:
+def exact_temperature(
+    logits: np.ndarray, labels: np.ndarray, lo: float = 1 / 60, hi: float = 60.0
+) -> tuple[float, float]:
     """(T*, mean NLL at T*) by golden-section search in log b over the float64 logits themselves (the
     NLL is convex in b = 1/T), to 1e-10 in log b."""
     z = logits.astype(np.float64)

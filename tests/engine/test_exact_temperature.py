@@ -144,7 +144,9 @@ def _legacy_blob(recs: Records, version: int) -> bytes:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_version_1_and_2_blobs_read_and_fall_back_to_the_parabola(version: int) -> None:
-    cfg = EngineConfig(device="cpu", inverse_temperatures=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0))
+    cfg = EngineConfig(
+        device="cpu", inverse_temperatures=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+    )
     logits, labels = _logits(0.7, seed=11)
     recs = ChunkReducer(C, cfg).reduce(logits, labels)
     back = Records.from_bytes(_legacy_blob(recs, version))
@@ -155,7 +157,9 @@ def test_version_1_and_2_blobs_read_and_fall_back_to_the_parabola(version: int) 
     t_par, nll_par = ref.best_temperature(1.0 / np.asarray(cfg.inverse_temperatures)[::-1], grid_means)
     assert scan.best_temperature == pytest.approx(t_par, rel=1e-6)
     assert scan.calibrated_nll == pytest.approx(nll_par, rel=1e-6)
-    assert float(np.mean(sample_nll_at(back, scan.best_temperature))) == pytest.approx(scan.calibrated_nll, rel=1e-9)
+    assert float(np.mean(sample_nll_at(back, scan.best_temperature))) == pytest.approx(
+        scan.calibrated_nll, rel=1e-9
+    )
     # Written back as the version-2 blob it is; merged with new records it keeps the grid NLLs.
     assert Records.from_bytes(back.to_bytes()).legacy
     merged = Records.concat([back, recs])
