@@ -55,9 +55,13 @@ def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> R
     confidence = np.clip(rng.beta(2 + 3 * sharpness, 2, size=n), 1e-3, 1.0).astype(np.float32)
     nll = np.where(correct, -np.log(confidence), sharpness * rng.exponential(2.0, size=n)).astype(np.float32)
     inv_t = np.asarray(CONFIG.inverse_temperatures)
-    # NLL(a) convex in a with its minimum near 1 / sharpness.
-    nll_t = (nll[:, None] * (0.6 + 0.4 * (inv_t[None, :] * sharpness - 1.0) ** 2 + 0.4)).astype(np.float32)
-    nll_t[:, list(inv_t).index(1.0)] = nll
+    # The temperature model's columns (docs/metrics.md): 3 leading gaps and the residual over the
+    # other classes, here a log-sum of 8 groups of (C - 4) / 8 classes at offsets below the gaps.
+    gaps = -np.sort(rng.exponential(sharpness, size=(n, 3)), axis=1).astype(np.float32)
+    offsets = gaps[:, 2:3] - rng.exponential(2.0 * sharpness, size=(n, 8)).astype(np.float32)
+    log_rest = np.stack(
+        [np.log((C - 4) / 8) + np.logaddexp.reduce(b * offsets, axis=1) for b in inv_t], axis=1
+    ).astype(np.float32)
     return Records(
         sample_id=rng.permutation(n).astype(np.int64),
         label=label,
@@ -68,7 +72,8 @@ def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> R
         confidence=confidence,
         brier=(1.0 - confidence) ** 2,
         entropy=nll * 0.8,
-        nll_t=nll_t,
+        top_gaps=gaps,
+        log_rest=log_rest,
         inverse_temperatures=inv_t,
     )
 

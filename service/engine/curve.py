@@ -7,8 +7,10 @@ With d_c = z_c - max z (<= 0) and the margin g = max z - z_y, a sample's NLL at 
 (d_(i) the i-th largest gap; the largest is 0). The bend of a sample's curve comes from its few
 leading classes: their terms are kept exactly (``top_gaps``, 3 float32s), and only log R, a smooth
 sum over the many remaining classes, is interpolated between the grid points where the engine
-computed it (``log_rest``): a cubic in b through the 4 grid points nearest b (local Lagrange, so
-a value at one grid point moves the curve only near it). The margin is ``nll + log(confidence)``
+computed it (``log_rest``): a cubic Hermite piece in b between the two grid points around b, its
+slopes at the grid points from the cubics through 4 neighbouring points (local: a value at one
+grid point moves the curve only near it; smooth: the mean curve has no kink at a grid point, so
+compare's per-replicate parabola around T* sees the same minimum). The margin is ``nll + log(confidence)``
 (``confidence = exp(-log S)``), so nothing else is stored.
 
 The curve of the mean over samples, ``mean_nll``, is minimised over [b_min, b_max] in float64 by
@@ -37,20 +39,53 @@ _GOLD = (math.sqrt(5.0) - 1.0) / 2.0
 INSIDE, ABOVE, BELOW = 0, 1, -1
 
 
-def lagrange_stencil(grid: F64, b: float) -> tuple[int, F64]:
-    """(first index, weights) of the cubic through the 4 grid points nearest ``b`` (fewer on a grid of
-    fewer points): log R(b) = sum_k w_k log_rest[:, first + k]."""
+def _lagrange_slope(grid: F64, idx: range, at: int) -> F64:
+    """Weights over ``grid`` of the derivative at grid[at] of the polynomial through the points idx."""
+    w = np.zeros(len(grid))
+    x = grid[at]
+    for j in idx:
+        total = 0.0
+        for m in idx:
+            if m == j:
+                continue
+            term = 1.0 / (grid[j] - grid[m])
+            for k in idx:
+                if k not in (j, m):
+                    term *= (x - grid[k]) / (grid[j] - grid[k])
+            total += term
+        w[j] = total
+    return w
+
+
+def _slope(grid: F64, i: int) -> F64:
+    """Weights of log R'(b_i): the mean of the derivatives of the cubics through the two 4-point
+    stencils centred on b_i (one at an end), so the interpolant is smooth (C1) at every grid point."""
     g = len(grid)
     width = min(4, g)
-    i = int(np.clip(np.searchsorted(grid, b) - 1, 0, max(g - 2, 0)))
-    lo = int(np.clip(i - 1, 0, g - width))
-    xs = grid[lo : lo + width]
-    w = np.ones(width)
-    for j in range(width):
-        for k in range(width):
-            if k != j:
-                w[j] *= (b - xs[k]) / (xs[j] - xs[k])
-    return lo, w
+    stencils = [lo for lo in (i - 1, i - 2) if 0 <= lo and lo + width <= g]
+    if not stencils:
+        stencils = [int(np.clip(i - 1, 0, g - width))]
+    return sum((_lagrange_slope(grid, range(lo, lo + width), i) for lo in stencils), np.zeros(g)) / len(
+        stencils
+    )
+
+
+def interpolation(grid: F64, b: float) -> tuple[int, F64]:
+    """(first index, weights) with log R(b) = sum_k w_k log_rest[:, first + k]: the cubic Hermite
+    piece between the grid points around ``b``, with slopes from 4-point stencils (``_slope``)."""
+    g = len(grid)
+    if g == 1:
+        return 0, np.ones(1)
+    i = int(np.clip(np.searchsorted(grid, b) - 1, 0, g - 2))
+    h = grid[i + 1] - grid[i]
+    t = (b - grid[i]) / h
+    w = np.zeros(g)
+    w[i] += 2 * t**3 - 3 * t**2 + 1
+    w[i + 1] += -2 * t**3 + 3 * t**2
+    w += (t**3 - 2 * t**2 + t) * h * _slope(grid, i) + (t**3 - t**2) * h * _slope(grid, i + 1)
+    nonzero = np.flatnonzero(w)
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    return lo, w[lo:hi]
 
 
 def margins(records: Records) -> F64:
@@ -62,7 +97,7 @@ def sample_nll(records: Records, b: float, margin: F64 | None = None) -> F64:
     """[n] NLL of every sample at inverse temperature ``b`` (within the grid), float64."""
     grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
     g = margins(records) if margin is None else margin
-    lo, w = lagrange_stencil(grid, b)
+    lo, w = interpolation(grid, b)
     log_rest = records.log_rest[:, lo : lo + len(w)].astype(np.float64) @ w
     with np.errstate(under="ignore"):
         total = 1.0 + np.exp(b * records.top_gaps.astype(np.float64)).sum(axis=1) + np.exp(log_rest)

@@ -72,8 +72,8 @@ def rest_columns(
     Which of several tied classes is "in" the top 4 does not matter: only values enter.
     """
     n, c = d.shape
-    k = min(c, TOP_GAPS + 2)
-    top = torch.topk(scores, k, dim=1).values.float() - m  # the same values as d at those classes
+    keep = min(c, TOP_GAPS + 2)
+    top = torch.topk(scores, keep, dim=1).values.float() - m  # the same values as d at those classes
     gaps = top[:, 1 : TOP_GAPS + 1]
     if gaps.shape[1] < TOP_GAPS:
         gaps = torch.cat([gaps, torch.full((n, TOP_GAPS - gaps.shape[1]), float(ABSENT), device=d.device)], 1)
@@ -89,8 +89,8 @@ def rest_columns(
         r = torch.where(inside, torch.exp(x * plan.step), 0.0)
         sums = {k: v.sum(dim=1) for k, v in _powers(r, needed).items()}
     cols = []
-    for a, k in zip(grid, plan.exponents, strict=True):
-        s = sums[k] if k is not None else torch.where(inside, torch.exp(x * a), 0.0).sum(dim=1)
+    for a, power in zip(grid, plan.exponents, strict=True):
+        s = sums[power] if power is not None else torch.where(inside, torch.exp(x * a), 0.0).sum(dim=1)
         cols.append(a * d5.squeeze(1) + torch.log(s + extra))
     return gaps, torch.stack(cols, dim=1)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evalstream.service.engine import EngineConfig, Records
+from evalstream.service.engine import Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.engine.temperature import scan
