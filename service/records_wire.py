@@ -13,11 +13,11 @@ length, then every value a real engine could never produce: labels and predictio
 [0, C), a rank above C - 1 or inconsistent with the prediction (pred is the argmax: it differs
 from the label when rank > 0, equals it when rank == 0 and nothing ties the label, and is at most
 the label when the label ties the maximum), ties that with the rank count more than the C - 1
-other classes, non-finite floats, NLLs below 0, Brier outside [0, 2], entropy outside
-[0, log C], confidence outside [1/C, 1], negative sample ids. Each refusal is a ``ChunkError`` naming the
-column and the first offending record, which the servicer returns in-band (the stream survives
-and the evaluation is unchanged). Bounds carry ``TOLERANCE``: float32 rounding in the engine can
-put a value a few ulps past its mathematical bound.
+other classes, non-finite floats, NLLs below 0, gaps above the maximum (top_gaps > 0), Brier
+outside [0, 2], entropy outside [0, log C], confidence outside [1/C, 1], negative sample ids.
+Each refusal is a ``ChunkError`` naming the column and the first offending record, which the
+servicer returns in-band (the stream survives and the evaluation is unchanged). Bounds carry
+``TOLERANCE``: float32 rounding in the engine can put a value a few ulps past its mathematical bound.
 """
 
 from __future__ import annotations
@@ -369,6 +369,7 @@ def check_reference(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_r
     bounds = {
         "nll": (0.0, math.inf),
         "nll_t": (0.0, math.inf),
+        "top_gaps": (-math.inf, 0.0),  # scores below the maximum (ABSENT, -1e30, for C < 5)
         "brier": (0.0, 2.0),
         "entropy": (0.0, log_c),
         "confidence": (1.0 / c, 1.0),
@@ -377,7 +378,7 @@ def check_reference(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_r
         if name not in arrays:
             continue
         arr = arrays[name]
-        low = lo * (1 - TOLERANCE) if lo > 0 else -TOLERANCE
+        low = lo * (1 - TOLERANCE) if lo > 0 else -math.inf if lo == -math.inf else -TOLERANCE
         out: npt.NDArray[np.bool_] = (arr < low) | (arr > hi * (1 + TOLERANCE))
         i = _first(out if out.ndim == 1 else out.any(axis=1))
         if i is not None:

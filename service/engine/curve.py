@@ -62,7 +62,7 @@ def _slope(grid: F64, i: int) -> F64:
     stencils centred on b_i (one at an end), so the interpolant is smooth (C1) at every grid point."""
     g = len(grid)
     width = min(4, g)
-    stencils = [lo for lo in (i - 1, i - 2) if 0 <= lo and lo + width <= g]
+    stencils = [lo for lo in (i - 1, i - 2) if lo >= 0 and lo + width <= g]
     if not stencils:
         stencils = [int(np.clip(i - 1, 0, g - width))]
     return sum((_lagrange_slope(grid, range(lo, lo + width), i) for lo in stencils), np.zeros(g)) / len(

@@ -54,7 +54,9 @@ def scan_records(records: Records) -> TemperatureScan:
     )
 
 
-def scan(nll_t: npt.NDArray[np.float32] | npt.NDArray[np.float64], inverse_temperatures: npt.NDArray[np.float64]) -> TemperatureScan:
+def scan(
+    nll_t: npt.NDArray[np.float32] | npt.NDArray[np.float64], inverse_temperatures: npt.NDArray[np.float64]
+) -> TemperatureScan:
     """Mean NLL at each T (increasing T); T* and the NLL there (legacy records).
 
     At an end of the grid the end itself is reported (the optimum may lie beyond

@@ -245,10 +245,10 @@ RECORDS_CASES = [
         "ties_out_of_range",
     ),
     RecordsCase("NaN nll", _spoil("nll", float("nan")), "non_finite"),
-    RecordsCase("Inf temperature nll", _spoil("nll_t", float("inf")), "non_finite"),
+    RecordsCase("Inf residual log-sum", _spoil("log_rest", float("inf")), "non_finite"),
     RecordsCase("NaN confidence", _spoil("confidence", float("nan")), "non_finite"),
     RecordsCase("negative nll", _spoil("nll", -0.5), "record_out_of_bounds"),
-    RecordsCase("negative temperature nll", _spoil("nll_t", -1.0), "record_out_of_bounds"),
+    RecordsCase("a gap above the maximum", _spoil("top_gaps", 1.0), "record_out_of_bounds"),
     RecordsCase("brier above 2", _spoil("brier", 2.5), "record_out_of_bounds"),
     RecordsCase("negative brier", _spoil("brier", -0.1), "record_out_of_bounds"),
     RecordsCase(
