@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from evalstream.service.engine.calibration import equal_width_bins
 from evalstream.service.engine.config import EngineConfig
-from evalstream.service.engine.curve import margins, sample_nll
+from evalstream.service.engine.curve import Curve
 from evalstream.service.engine.records import Records
 from evalstream.service.engine.registry import accuracy_name
 from evalstream.service.engine.temperature import scan_records
@@ -261,8 +261,8 @@ class CalibratedNll(Statistic):
         grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
         b_star = 1.0 / scan_records(records).best_temperature
         local = np.unique(np.clip(b_star * np.exp(cls.LOCAL), grid[0], grid[-1]))
-        margin = margins(records)
-        columns = np.stack([sample_nll(records, float(b), margin) for b in local], axis=1)
+        model = Curve(records)
+        columns = np.stack([model.sample(float(b)) for b in local], axis=1)
         return cls(columns, local)
 
     def evaluate(self, w: F32) -> F64:

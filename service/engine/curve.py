@@ -13,8 +13,8 @@ grid point moves the curve only near it; smooth: the mean curve has no kink at a
 compare's per-replicate parabola around T* sees the same minimum). The margin is ``nll + log(confidence)``
 (``confidence = exp(-log S)``), so nothing else is stored.
 
-The curve of the mean over samples, ``mean_nll``, is minimised over [b_min, b_max] in float64 by
-golden-section search in log b inside the bracket of the best grid point; T* = 1 / b*. Where the
+The curve of the mean over samples, ``Curve.mean``, is minimised over [b_min, b_max] in float64 by
+Brent's method in log b inside the bracket of the best grid point; T* = 1 / b*. Where the
 minimum is at an end of the grid the optimum lies beyond it, and ``optimum`` says on which side.
 The paired tests of compare evaluate the same ``sample_nll`` at T*, so the mean of their per-sample
 values is the reported calibrated NLL.
@@ -23,6 +23,7 @@ values is the reported calibrated NLL.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,8 @@ from evalstream.service.engine.records import Records
 
 F64 = npt.NDArray[np.float64]
 
-# Golden-section search stops when the bracket is this narrow, relative, in b (T* to 1e-6).
+# Brent's search in log b stops at this tolerance (T* to about 1e-6 relative).
 B_TOLERANCE = 1e-6
-_GOLD = (math.sqrt(5.0) - 1.0) / 2.0
 # Inside the grid, beyond its highest temperature (b < b_min), beyond its lowest (b > b_max).
 INSIDE, ABOVE, BELOW = 0, 1, -1
 
@@ -93,19 +93,85 @@ def margins(records: Records) -> F64:
     return records.nll.astype(np.float64) + np.log(records.confidence.astype(np.float64))
 
 
-def sample_nll(records: Records, b: float, margin: F64 | None = None) -> F64:
+class Curve:
+    """The model of a set of records, with the columns every evaluation reads laid out once: one
+    contiguous row per gap (float64) and per grid point (float32), so an evaluation streams through
+    a few contiguous arrays instead of strided record columns."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+        self.grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
+        self.margin = margins(records)
+        self.gaps = np.ascontiguousarray(records.top_gaps.T, dtype=np.float64)
+        self.rest = np.ascontiguousarray(records.log_rest.T)
+
+    def sample(self, b: float) -> F64:
+        """[n] NLL of every sample at inverse temperature ``b`` (within the grid), float64."""
+        lo, w = interpolation(self.grid, b)
+        log_rest = np.multiply(self.rest[lo], w[0], dtype=np.float64)
+        for k in range(1, len(w)):
+            log_rest += np.multiply(self.rest[lo + k], w[k], dtype=np.float64)
+        with np.errstate(under="ignore"):
+            total = np.exp(log_rest)
+            total += 1.0
+            for gap in self.gaps:
+                total += np.exp(b * gap)
+        return b * self.margin + np.log(total)
+
+    def mean(self, b: float) -> float:
+        return float(np.mean(self.sample(b))) if len(self.records) else math.nan
+
+
+def sample_nll(records: Records, b: float) -> F64:
     """[n] NLL of every sample at inverse temperature ``b`` (within the grid), float64."""
-    grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
-    g = margins(records) if margin is None else margin
-    lo, w = interpolation(grid, b)
-    log_rest = records.log_rest[:, lo : lo + len(w)].astype(np.float64) @ w
-    with np.errstate(under="ignore"):
-        total = 1.0 + np.exp(b * records.top_gaps.astype(np.float64)).sum(axis=1) + np.exp(log_rest)
-    return b * g + np.log(total)
+    return Curve(records).sample(b)
 
 
-def mean_nll(records: Records, b: float, margin: F64 | None = None) -> float:
-    return float(np.mean(sample_nll(records, b, margin))) if len(records) else math.nan
+def _brent(f: Callable[[float], float], a: float, b: float, tol: float) -> tuple[float, float]:
+    """Brent's minimisation of f on [a, b] (golden sections with parabolic steps), to ``tol``."""
+    c = 0.5 * (3.0 - math.sqrt(5.0))
+    x = w = v = a + c * (b - a)
+    fx = fw = fv = f(x)
+    d = e = 0.0
+    while True:
+        m = 0.5 * (a + b)
+        tol2 = 2.0 * tol
+        if abs(x - m) <= tol2 - 0.5 * (b - a):
+            return x, fx
+        golden = True
+        if abs(e) > tol:
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            if abs(p) < abs(0.5 * q * e) and q * (a - x) < p < q * (b - x):
+                e, d = d, p / q
+                golden = False
+                if (x + d) - a < tol2 or b - (x + d) < tol2:
+                    d = tol if m >= x else -tol
+        if golden:
+            e = (a - x) if x >= m else (b - x)
+            d = c * e
+        u = x + (d if abs(d) >= tol else (tol if d > 0 else -tol))
+        fu = f(u)
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
+        else:
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v in (x, w):
+                v, fv = u, fu
 
 
 @dataclass(frozen=True)
@@ -117,37 +183,18 @@ class Optimum:
     side: int  # INSIDE, ABOVE (T* > the grid's highest T) or BELOW (T* < its lowest)
 
 
-def optimum(records: Records, grid_means: F64) -> Optimum:
-    """The minimum of ``mean_nll`` over [b_min, b_max]; ``grid_means`` its values at the grid points."""
-    grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
+def optimum(curve: Curve, grid_means: F64) -> Optimum:
+    """The minimum of ``curve.mean`` over [b_min, b_max]; ``grid_means`` its values at the grid points."""
+    grid = curve.grid
     j = int(np.argmin(grid_means))
     if len(grid) < 2:
         return Optimum(float(grid[j]), float(grid_means[j]), INSIDE)
-    margin = margins(records)
-
-    def f(log_b: float) -> float:
-        return mean_nll(records, math.exp(log_b), margin)
-
     lo, hi = math.log(grid[max(j - 1, 0)]), math.log(grid[min(j + 1, len(grid) - 1)])
-    best_x, best_f = math.log(grid[j]), float(grid_means[j])
-    c, d = hi - _GOLD * (hi - lo), lo + _GOLD * (hi - lo)
-    fc, fd = f(c), f(d)
-    while hi - lo > B_TOLERANCE:
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - _GOLD * (hi - lo)
-            fc = f(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + _GOLD * (hi - lo)
-            fd = f(d)
-    for x, v in ((c, fc), (d, fd)):
-        if v < best_f:
-            best_x, best_f = x, v
-    b = math.exp(best_x)
+    x, fx = _brent(lambda log_b: curve.mean(math.exp(log_b)), lo, hi, B_TOLERANCE)
+    b, best = (math.exp(x), fx) if fx < grid_means[j] else (float(grid[j]), float(grid_means[j]))
     side = INSIDE
-    if j == 0 and b <= grid[0] * (1 + 2 * B_TOLERANCE):
-        b, best_f, side = float(grid[0]), float(grid_means[0]), ABOVE
-    elif j == len(grid) - 1 and b >= grid[-1] * (1 - 2 * B_TOLERANCE):
-        b, best_f, side = float(grid[-1]), float(grid_means[-1]), BELOW
-    return Optimum(b, best_f, side)
+    if j == 0 and b <= grid[0] * (1 + 4 * B_TOLERANCE):
+        b, best, side = float(grid[0]), float(grid_means[0]), ABOVE
+    elif j == len(grid) - 1 and b >= grid[-1] * (1 - 4 * B_TOLERANCE):
+        b, best, side = float(grid[-1]), float(grid_means[-1]), BELOW
+    return Optimum(b, best, side)

@@ -42,9 +42,9 @@ def scan_records(records: Records) -> TemperatureScan:
     grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
     if records.legacy or len(records) == 0:
         return scan(records.nll_t, grid)
-    margin = curve.margins(records)
-    means = np.array([curve.mean_nll(records, float(b), margin) for b in grid])
-    best = curve.optimum(records, means)
+    model = curve.Curve(records)
+    means = np.array([model.mean(float(b)) for b in grid])
+    best = curve.optimum(model, means)
     return TemperatureScan(
         temperatures=[float(1.0 / b) for b in grid[::-1]],
         nll=[float(v) for v in means[::-1]],
