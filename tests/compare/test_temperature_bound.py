@@ -12,12 +12,13 @@ from evalstream.service.compare.recommend import _at
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
+from evalstream.service.engine.report import MetricReport
 from evalstream.service.engine.reducer import ChunkReducer
 
 C = 200
 
 
-def _metrics(scale: float) -> tuple[dict[str, float], object]:
+def _metrics(scale: float) -> tuple[dict[str, float], MetricReport]:
     """Engine metrics of Gaussian logits with a label bump, multiplied by ``scale``."""
     rng = np.random.default_rng(5)
     y = rng.integers(0, C, 400)
