@@ -12,8 +12,8 @@ from evalstream.service.compare.recommend import _at
 from evalstream.service.convert import result_from_report
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import compute_metrics
-from evalstream.service.engine.report import MetricReport
 from evalstream.service.engine.reducer import ChunkReducer
+from evalstream.service.engine.report import MetricReport
 
 C = 200
 
