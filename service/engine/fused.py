@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 RowPass = Callable[[torch.Tensor, torch.Tensor], Outputs]
 
-# Powers of the residual's exponential below this count as 0 (see _powers).
-SUBNORMAL_FLOOR = 1e-18
 # Probe rows for the self-check after compiling (compiled must equal the same math run eagerly).
 PROBE_ROWS = 64
 PROBE_TOLERANCE = 1e-5
@@ -89,7 +87,7 @@ def rest_columns(
     sums: dict[int, torch.Tensor] = {}
     if needed:
         r = torch.where(inside, torch.exp(x * plan.step), 0.0)
-        sums = {k: v.sum(dim=1) for k, v in _powers(r, needed, SUBNORMAL_FLOOR).items()}
+        sums = {k: v.sum(dim=1) for k, v in _powers(r, needed).items()}
     cols = []
     for a, power in zip(grid, plan.exponents, strict=True):
         s = sums[power] if power is not None else torch.where(inside, torch.exp(x * a), 0.0).sum(dim=1)
@@ -132,26 +130,17 @@ def _row_pass_factory(num_classes: int, grid: tuple[float, ...], max_rank: int, 
     return row_pass
 
 
-def _powers(q: torch.Tensor, needed: tuple[int, ...], floor: float = 0.0) -> dict[int, torch.Tensor]:
-    """q ** k for every k in ``needed``: squarings q, q^2, q^4, ... and one product per set bit.
-
-    With ``floor`` > 0 every square and partial product below it is set to 0: factors of at least
-    ``floor`` = 1e-18 multiply to at least 1e-36, so no step ever makes a subnormal float32, whose
-    arithmetic costs ~100 cycles on x86 (the residual's high powers would otherwise pass through
-    them, 4x slower). A dropped term is below 1e-18 against a sum of at least 1."""
-
-    def flushed(t: torch.Tensor) -> torch.Tensor:
-        return torch.where(t < floor, 0.0, t) if floor > 0.0 else t
-
+def _powers(q: torch.Tensor, needed: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """q ** k for every k in ``needed``: squarings q, q^2, q^4, ... and one product per set bit."""
     squares = [q]
     while 1 << len(squares) <= max(needed):
-        squares.append(flushed(squares[-1] * squares[-1]))
+        squares.append(squares[-1] * squares[-1])
     out: dict[int, torch.Tensor] = {}
     for k in needed:
         acc: torch.Tensor | None = None
         for bit, sq in enumerate(squares):
             if k >> bit & 1:
-                acc = sq if acc is None else flushed(acc * sq)
+                acc = sq if acc is None else acc * sq
         assert acc is not None
         out[k] = acc
     return out
