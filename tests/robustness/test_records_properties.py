@@ -81,14 +81,15 @@ def _record_ok(rec: Records, i: int) -> bool:
     if rank == 0 and (pred > label if ties else pred != label):
         return False
     floats = [float(rec.nll[i]), float(rec.confidence[i]), float(rec.brier[i]), float(rec.entropy[i])]
-    nll_t = [float(v) for v in rec.nll_t[i]]
-    if not all(math.isfinite(v) for v in floats + nll_t):
+    gaps = [float(v) for v in rec.top_gaps[i]]
+    model = gaps + [float(v) for v in rec.log_rest[i]]
+    if not all(math.isfinite(v) for v in floats + model):
         return False
     nll, conf, brier, entropy = floats
     tol = TOLERANCE
     return (
         nll >= -tol
-        and min(nll_t) >= -tol
+        and max(gaps) <= 0.0
         and -tol <= brier <= 2 * (1 + tol)
         and -tol <= entropy <= math.log(c) * (1 + tol)
         and (1 / c) * (1 - tol) <= conf <= 1 + tol
