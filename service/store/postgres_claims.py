@@ -17,18 +17,13 @@ the result is committed once whoever computes it, even twice.
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Callable
 
 import psycopg
 
 from evalstream.service.store.postgres_reads import Row
-
-log = logging.getLogger(__name__)
+from evalstream.service.store.postgres_renewal import Renewal, replica_name
 
 # A claim is taken only on an open evaluation whose ranks have all closed and that nobody holds.
 CLAIMABLE = (
@@ -45,11 +40,10 @@ class Claims:
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = replica_name()
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewal = Renewal(ttl_s, "evalstream-claims", "finalizer claims")
 
     def claim_in(self, conn: psycopg.Connection[Row], evaluation_id: str) -> int | None:
         """Claim one evaluation inside the caller's transaction (the closing one); its epoch or None."""
@@ -100,18 +94,7 @@ class Claims:
 
     def start(self, renew: Callable[[], None]) -> None:
         """Run ``renew()`` every third of the claim's life on a daemon thread until ``stop()``."""
-
-        def loop() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                try:
-                    renew()
-                except Exception:
-                    log.warning("renewing finalizer claims failed; retrying", exc_info=True)
-
-        self._thread = threading.Thread(target=loop, name="evalstream-claims", daemon=True)
-        self._thread.start()
+        self._renewal.start(renew)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._renewal.stop()

@@ -31,16 +31,14 @@ stalled and wakes up still cannot commit a sequence twice.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Callable
 
 import psycopg
 
 from evalstream.service.store.base import ShardRow
 from evalstream.service.store.postgres_reads import Row, shard_in
+from evalstream.service.store.postgres_renewal import Renewal, replica_name
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +53,13 @@ class Ownership:
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.replica = replica_name()
         self._held: dict[str, tuple[str, int]] = {}
         # Tokens whose taking is in flight: the heartbeat must neither delete their row nor call them lost.
         self._taking: set[str] = set()
         self._lost: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewal = Renewal(ttl_s, "evalstream-shard-holds", "shard holds")
 
     def acquire_in(
         self, conn: psycopg.Connection[Row], evaluation_id: str, rank: int, token: str
@@ -138,18 +135,7 @@ class Ownership:
 
     def start(self, renew: Callable[[], None]) -> None:
         """Run ``renew()`` every third of the hold's life on a daemon thread until ``stop()``."""
-
-        def loop() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                try:
-                    renew()
-                except Exception:
-                    log.warning("renewing shard holds failed; retrying", exc_info=True)
-
-        self._thread = threading.Thread(target=loop, name="evalstream-shard-holds", daemon=True)
-        self._thread.start()
+        self._renewal.start(renew)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._renewal.stop()

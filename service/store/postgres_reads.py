@@ -20,6 +20,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from evalstream.service.store import queries
 from evalstream.service.store.base import (
     FINALIZED,
     OPEN,
@@ -194,39 +195,16 @@ class PostgresReads:
         return evaluation(rows[0]) if rows else None
 
     def find(self, run: str, model: str, split: str, step: int | None) -> EvaluationRow | None:
-        where = "e.run = %s AND e.model = %s AND e.split = %s"
-        args: tuple[Any, ...] = (run, model, split)
-        if step is None:
-            sql = (
-                f"SELECT {EVAL_COLUMNS} FROM evaluations e WHERE {where} "
-                "ORDER BY e.step DESC, e.seq DESC LIMIT 1"
-            )
-        else:
-            sql = f"SELECT {EVAL_COLUMNS} FROM evaluations e WHERE {where} AND e.step = %s"
-            args += (step,)
+        sql, args = queries.find_evaluation(EVAL_COLUMNS, "%s", run, model, split, step)
         rows = self._rows(sql, args)
         return evaluation(rows[0]) if rows else None
 
     def list_evaluations(
         self, run: str = "", model: str = "", split: str = "", limit: int = 50, before: int | None = None
     ) -> tuple[list[EvaluationRow], int | None]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        for column, value in (("run", run), ("model", model), ("split", split)):
-            if value:
-                clauses.append(f"e.{column} = %s")
-                args.append(value)
-        if before is not None:
-            clauses.append("e.seq < %s")
-            args.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._rows(
-            f"SELECT e.seq AS seq, {EVAL_COLUMNS} FROM evaluations e {where} ORDER BY e.seq DESC LIMIT %s",
-            (*args, limit + 1),
-        )
-        page = rows[:limit]
-        cursor = int(page[-1]["seq"]) if len(rows) > limit else None
-        return [evaluation(r) for r in page], cursor
+        sql, args = queries.list_evaluations(EVAL_COLUMNS, "%s", run, model, split, limit, before)
+        shown, cursor = queries.page(self._rows(sql, args), limit)
+        return [evaluation(r) for r in shown], cursor
 
     def latest_per_model(self, run: str, split: str) -> list[EvaluationRow]:
         rows = self._rows(

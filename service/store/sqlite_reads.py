@@ -11,8 +11,8 @@ import contextlib
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
 
+from evalstream.service.store import queries
 from evalstream.service.store.base import (
     FINALIZED,
     OPEN,
@@ -157,43 +157,16 @@ class SqliteReads:
         return None if found is None else evaluation(found)
 
     def find(self, run: str, model: str, split: str, step: int | None) -> EvaluationRow | None:
-        where = "e.run = ? AND e.model = ? AND e.split = ?"
-        args: tuple[Any, ...] = (run, model, split)
-        if step is None:
-            sql = (
-                f"SELECT {EVAL_COLUMNS} FROM evaluations e WHERE {where} "
-                "ORDER BY e.step DESC, e.seq DESC LIMIT 1"
-            )
-        else:
-            sql = f"SELECT {EVAL_COLUMNS} FROM evaluations e WHERE {where} AND e.step = ?"
-            args += (step,)
+        sql, args = queries.find_evaluation(EVAL_COLUMNS, "?", run, model, split, step)
         found = self._read().execute(sql, args).fetchone()
         return None if found is None else evaluation(found)
 
     def list_evaluations(
         self, run: str = "", model: str = "", split: str = "", limit: int = 50, before: int | None = None
     ) -> tuple[list[EvaluationRow], int | None]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        for column, value in (("run", run), ("model", model), ("split", split)):
-            if value:
-                clauses.append(f"e.{column} = ?")
-                args.append(value)
-        if before is not None:
-            clauses.append("e.seq < ?")
-            args.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = (
-            self._read()
-            .execute(
-                f"SELECT e.seq AS seq, {EVAL_COLUMNS} FROM evaluations e {where} ORDER BY e.seq DESC LIMIT ?",
-                (*args, limit + 1),
-            )
-            .fetchall()
-        )
-        page = rows[:limit]
-        cursor = page[-1]["seq"] if len(rows) > limit else None
-        return [evaluation(r) for r in page], cursor
+        sql, args = queries.list_evaluations(EVAL_COLUMNS, "?", run, model, split, limit, before)
+        shown, cursor = queries.page(self._read().execute(sql, args).fetchall(), limit)
+        return [evaluation(r) for r in shown], cursor
 
     def latest_per_model(self, run: str, split: str) -> list[EvaluationRow]:
         rows = self._read().execute(

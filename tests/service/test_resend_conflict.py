@@ -27,7 +27,7 @@ from tests.service.helpers import (
     make_data,
     open_request,
 )
-from tests.support.lockstep import LockStep
+from tests.support.lockstep import LockStep, reopen
 
 
 def _result(channel: grpc.Channel, model: str = MODEL) -> evaluation_pb2.EvaluationResult:
@@ -94,8 +94,8 @@ def test_nothing_after_a_conflicting_resend_is_committed(channel: grpc.Channel) 
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
     s.cancel()
-    s = LockStep(channel)
-    opened = s.send(open_request(num_classes=NUM_CLASSES)).opened
+    s, response = reopen(channel, open_request(num_classes=NUM_CLASSES))
+    opened = response.opened
     assert (opened.next_sequence, opened.samples_committed) == (1, 100)
     s.cancel()
 
@@ -118,8 +118,8 @@ def test_a_resent_records_chunk_is_judged_by_its_records_bytes(
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "chunk 0 of rank 0" in (refused.details() or "")
     s.cancel()
-    s = LockStep(channel)
-    assert s.send(opening).opened.next_sequence == 1
+    s, response = reopen(channel, opening)
+    assert response.opened.next_sequence == 1
     assert s.send(records_wire.encode_request(records, layout, 100, 200, 1)).ack.next_sequence == 2
     assert s.send(close_request(2)).closed.finalized
     s.end()

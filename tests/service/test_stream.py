@@ -19,7 +19,7 @@ from tests.service.helpers import (
     open_request,
     run_ranks,
 )
-from tests.support.lockstep import LockStep
+from tests.support.lockstep import LockStep, reopen
 
 
 def _get(channel: grpc.Channel, step: int = 0, per_class: bool = True) -> evaluation_pb2.Evaluation:
@@ -78,13 +78,8 @@ def test_reopen_tells_the_resume_point_and_streaming_continues(
     s.call.cancel()  # the connection drops before close
 
     # The old stream's lease is released once the server notices the cancellation.
-    for _ in range(100):
-        resumed = LockStep(channel)
-        try:
-            opened = resumed.send(open_request(rank=1, world_size=2)).opened
-            break
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.ABORTED
+    resumed, response = reopen(channel, open_request(rank=1, world_size=2))
+    opened = response.opened
     assert (opened.next_sequence, opened.samples_committed) == (2, 200)
     assert not opened.already_closed
     assert resumed.send(chunk_request(2, data.part(200, 300))).ack.next_sequence == 3

@@ -8,6 +8,7 @@ would: corrupt protobuf, unknown fields, invalid UTF-8.
 from __future__ import annotations
 
 import queue
+import time
 from typing import Any
 
 import grpc
@@ -90,3 +91,20 @@ class LockStep:
     def cancel(self) -> None:
         self._requests.put(None)
         self.call.cancel()
+
+
+def reopen(
+    channel: grpc.Channel, request: Request | bytes, patience_s: float = 30.0
+) -> tuple[LockStep, service_pb2.StreamEvaluationResponse]:
+    """Open a rank whose previous stream just ended, as the client library does: its lease is
+    freed once the server has settled that stream's commits, and an open before that is ABORTED
+    ("held by another open stream"), so retry on ABORTED only, for up to ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        step = LockStep(channel)
+        try:
+            return step, step.send(request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
