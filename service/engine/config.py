@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Inverse temperatures b = 1/T where the engine stores each sample's residual log-sum (curve.py):
-# T from 0.05 to 20, nearly geometric (ratio 1.33-1.5, where the curves bend alike at any logit
-# scale), every point a multiple k/40 with k of few binary digits, so each is a power of one
-# exponential by squarings and products (powers.rest_plan). 19 points: 126-byte records.
+# Inverse temperatures b = 1/T where the engine stores each sample's temperature model (curve.py):
+# T from 0.05 to 20 at ratios 1.5-2, every point a multiple k/20 with k = 1, 2, 3, 5, 10, 20, 30, 50,
+# 100, 200, 400, each the sum of two earlier ones, so the kernel forms every power from one
+# exponential with one product (moments.plan). 11 points: 126-byte records.
 DEFAULT_INVERSE_TEMPERATURES: tuple[float, ...] = (
-    0.05, 0.075, 0.1, 0.15, 0.2, 0.275, 0.375, 0.5, 0.7, 1.0,
-    1.4, 2.0, 2.8, 3.8, 5.2, 7.2, 10.2, 14.4, 20.0,
+    0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0,
 )  # fmt: skip
 # How the reducer runs its per-row arithmetic (see reducer.py and fused.py).
 BACKENDS: tuple[str, ...] = ("eager", "compiled", "auto")

@@ -3,8 +3,9 @@
 Why: in eager PyTorch every operation is a pass over a [rows, C] block, and the
 default grid needs ~30 of them a block. ``torch.compile`` fuses ``row_pass``
 below into one loop for the row maximum and one loop for everything else
-(exponential, powers, compare counts and the 13 row sums), the second reading
-the row from L1: at C = 3,000 that is ~4x the eager throughput on one thread.
+(exponential, powers, compare counts and the row sums), the second reading
+the row from L1: at C = 3,000 that is ~4x the eager throughput on one thread. The temperature
+model's columns come after it from moments.py.
 
 Per row (z upcast to float32 inside the kernel, so half inputs are read at half width):
 
@@ -12,7 +13,6 @@ Per row (z upcast to float32 inside the kernel, so half inputs are read at half 
     S = sum e,  rank = #{z > z_y},  ties = #{z == z_y} - 1,  pred = first = min{c : d_c = 0}
     nll = (m - z_y) + log S,  confidence = 1 / S,  brier = sum e^2 / S^2 - 2 e_y / S + 1
     entropy = log S - sum e d / S
-    top_gaps, log_rest: the temperature model's columns (``rest_columns``, curve.py)
 
 Sums are of unnormalised powers whose largest term is exactly 1, so nothing is
 lost to underflow that matters (see docs/metrics.md). The kernel's shapes are
@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evalstream.service.engine.powers import Ladder, RestPlan, ladder, rest_plan
-from evalstream.service.engine.records import ABSENT, TOP_GAPS
+from evalstream.service.engine.powers import Ladder, ladder
 
 log = logging.getLogger(__name__)
 
@@ -52,53 +51,19 @@ PROBE_TOLERANCE = 1e-5
 def make_row_pass(num_classes: int, inverse_temperatures: tuple[float, ...], max_rank: int) -> RowPass:
     """The fused pass as a plain PyTorch function (runs eagerly too, ~20x slower than compiled).
 
-    Returns ``(floats [n, 4 + 3 + G] float32: nll, confidence, brier, entropy, top_gaps, log_rest...,
-    ints [n, 3] int32: pred (argmax), rank capped at max_rank, ties, lse [n]: logsumexp of each row)``.
+    Returns ``(floats [n, 4] float32: nll, confidence, brier, entropy, ints [n, 3] int32: pred
+    (argmax), rank capped at max_rank, ties, lse [n]: logsumexp of each row)``. The temperature
+    model's columns are not in it: their sums come from moments.py (a loop of their own, since
+    inductor recomputes their shared powers inside each reduction). ``inverse_temperatures`` stays
+    in the signature and the kernel key: compiled kernels are per evaluation setting.
     """
     lad = ladder(())
-    grid = tuple(float(a) for a in inverse_temperatures)
-    return _fresh(_row_pass_factory(num_classes, grid, max_rank, lad))
+    return _fresh(_row_pass_factory(num_classes, max_rank, lad))
 
 
-def rest_columns(
-    scores: torch.Tensor, m: torch.Tensor, d: torch.Tensor, grid: tuple[float, ...], plan: RestPlan
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``top_gaps`` [n, 3] and ``log_rest`` [n, G] of the temperature model (curve.py), float32.
-
-    With d_(i) the i-th largest of d = z - m: the gaps are d_(2..4); outside the top 4 the classes
-    with d_c < d_(4) and the ``extra`` = #{d_c >= d_(4)} - 4 ties of d_(4) beyond the top 4 (then
-    d_(5) = d_(4)), so log_rest(b) = b d_(5) + log(sum_{d_c < d_(4)} exp(b (d_c - d_(5))) + extra): a
-    masked sum whose terms are at most 1 and one of which is 1, never a difference of two sums.
-    Which of several tied classes is "in" the top 4 does not matter: only values enter.
-    """
-    n, c = d.shape
-    keep = min(c, TOP_GAPS + 2)
-    top = torch.topk(scores, keep, dim=1).values.float() - m  # the same values as d at those classes
-    gaps = top[:, 1 : TOP_GAPS + 1]
-    if gaps.shape[1] < TOP_GAPS:
-        gaps = torch.cat([gaps, torch.full((n, TOP_GAPS - gaps.shape[1]), float(ABSENT), device=d.device)], 1)
-    if c < TOP_GAPS + 2:
-        return gaps, torch.full((n, len(grid)), float(ABSENT), device=d.device)
-    d4, d5 = top[:, TOP_GAPS : TOP_GAPS + 1], top[:, TOP_GAPS + 1 : TOP_GAPS + 2]
-    inside = d < d4
-    extra = (~inside).float().sum(dim=1) - float(TOP_GAPS + 1)
-    x = d - d5
-    needed = plan.needed()
-    sums: dict[int, torch.Tensor] = {}
-    if needed:
-        r = torch.where(inside, torch.exp(x * plan.step), 0.0)
-        sums = {k: v.sum(dim=1) for k, v in _powers(r, needed).items()}
-    cols = []
-    for a, power in zip(grid, plan.exponents, strict=True):
-        s = sums[power] if power is not None else torch.where(inside, torch.exp(x * a), 0.0).sum(dim=1)
-        cols.append(a * d5.squeeze(1) + torch.log(s + extra))
-    return gaps, torch.stack(cols, dim=1)
-
-
-def _row_pass_factory(num_classes: int, grid: tuple[float, ...], max_rank: int, lad: Ladder) -> RowPass:
+def _row_pass_factory(num_classes: int, max_rank: int, lad: Ladder) -> RowPass:
     needed = lad.needed()
     unit = lad.unit
-    plan = rest_plan(grid)
 
     def row_pass(scores: torch.Tensor, labels: torch.Tensor) -> Outputs:
         z = scores.float()
@@ -122,10 +87,9 @@ def _row_pass_factory(num_classes: int, grid: tuple[float, ...], max_rank: int, 
         p_y = torch.exp(zy - m).squeeze(1) / s
         brier = sums[2 * unit] / (s * s) - 2.0 * p_y + 1.0
         entropy = log_s - (e * d).sum(dim=1) / s
-        gaps, log_rest = rest_columns(scores, m, d, grid, plan)
         cols = torch.stack([nll, torch.reciprocal(s), brier, entropy], dim=1)
         ints = torch.stack([first, rank.clamp(max=float(max_rank)), ties], dim=1).int()
-        return torch.cat([cols, gaps, log_rest], dim=1), ints, m.squeeze(1) + log_s
+        return cols, ints, m.squeeze(1) + log_s
 
     return row_pass
 

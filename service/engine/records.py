@@ -1,7 +1,7 @@
 """Per-sample records: the compact, mergeable source of truth of an evaluation.
 
 A chunk of logits ([n, C] floats, 12 KB a sample at C=3,000) is reduced to one
-record per sample (under 100 bytes). Every metric is computed from records, so
+record per sample (126 bytes at the default settings). Every metric is computed from records, so
 records from any chunks and ranks merge by concatenation, paired comparisons
 can line samples up by id, and the service checkpoints records instead of
 logits.
@@ -9,7 +9,7 @@ logits.
 Binary form (version 3), little-endian, no pickle::
 
     magic   b"EVREC"            5 bytes
-    version uint8 = 2
+    version uint8 = 3
     hlen    uint32              length of the JSON header
     header  JSON (utf-8)        {"n": int, "inverse_temperatures": [float...],
                                  "fields": [[name, dtype, [dims...]], ...]}
@@ -22,8 +22,8 @@ to the label, i.e. treated the data as tie-free). Their ``pred`` is the label wh
 label tied the maximum, so on such samples the binary views keep the old convention.
 
 Versions 1 and 2 stored ``nll_t`` (each sample's NLL at the grid points) where version 3 stores
-the temperature model's columns ``top_gaps`` and ``log_rest`` (see curve.py). They still read, as
-*legacy* records: ``legacy_nll_t`` holds their column, ``top_gaps`` and ``log_rest`` are empty, and
+the temperature model's columns ``log_rest``, ``rest_slope`` and ``rest_curvature`` (curve.py). They
+still read, as *legacy* records: ``legacy_nll_t`` holds their column, the model's are empty, and
 the temperature scan falls back to the parabola through the grid minimum (temperature.py).
 """
 
@@ -45,14 +45,16 @@ VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 LEGACY_VERSION = 2
 NO_SAMPLE_ID = -1
-# Gaps below the maximum kept exactly per sample: the 2nd to 4th largest scores (curve.py).
-TOP_GAPS = 3
-# The value of a gap or log_rest that does not exist (fewer than 5 classes): exp(b * ABSENT) = 0
-# for every grid point b, and the value is finite, so the wire's finiteness check holds.
+# The temperature model's columns (curve.py), one value per grid point each.
+MODEL_FIELDS = ("log_rest", "rest_slope", "rest_curvature")
+# log_rest of a row with one class (no other class to sum over): exp(ABSENT) = 0, and the value is
+# finite, so the wire's finiteness check holds.
 ABSENT = np.float32(-1e30)
+# rest_slope and rest_curvature are float16: dimensionless (b d/db and b^2 d^2/db^2 of log_rest),
+# so their size is set by the logits' spread in units of T, and they are clipped to its range.
+HALF_MAX = float(np.finfo(np.float16).max)
 
-# name -> numpy dtype (little-endian). top_gaps has a second axis of TOP_GAPS, log_rest one of the
-# temperature grid.
+# name -> numpy dtype (little-endian). The model's columns have a second axis: the temperature grid.
 FIELDS: dict[str, str] = {
     "sample_id": "<i8",
     "label": "<i4",
@@ -63,8 +65,9 @@ FIELDS: dict[str, str] = {
     "confidence": "<f4",
     "brier": "<f4",
     "entropy": "<f4",
-    "top_gaps": "<f4",
     "log_rest": "<f4",
+    "rest_slope": "<f2",
+    "rest_curvature": "<f2",
 }
 # The per-temperature column of versions 1 and 2 (legacy records).
 LEGACY_NLL_T = ("nll_t", "<f4")
@@ -85,7 +88,7 @@ def blob_head(n: int, inverse_temperatures: Iterable[float], dims: dict[str, tup
 
 @dataclass
 class Records:
-    """Column arrays of length n (``top_gaps`` is [n, 3], ``log_rest`` [n, G]).
+    """Column arrays of length n (the model's columns are [n, G]).
 
     ``sample_id``: -1 where the client sent no ids.
     ``label``, ``pred``: class indices; ``pred`` is ``argmax`` of the scores, the lowest
@@ -96,12 +99,12 @@ class Records:
     exact for any class count, since a constant-logit row at 131,072 classes has 131,071).
     ``nll``: logsumexp(z) - z_y. ``confidence``: max softmax probability.
     ``brier``: sum_c (p_c - y_c)^2. ``entropy``: -sum_c p_c log p_c.
-    ``top_gaps[:, i]``: z_(i+2) - max z, the (i+2)-th largest score's gap below the maximum (<= 0,
-    non-increasing; ``ABSENT`` where C < i + 2). ``log_rest[:, j]``: log sum over the classes outside
-    the 4 largest of exp(b_j (z_c - max z)), b_j = inverse_temperatures[j] (``ABSENT`` where C < 5).
-    With the margin max z - z_y = nll + log(confidence) they give the NLL at any temperature
-    (curve.py). ``legacy_nll_t``: a version-1/2 blob's NLL at the grid points (then ``top_gaps``
-    and ``log_rest`` have no columns); None for records of this version.
+    ``log_rest[:, j]``: L(b_j), L(b) = log sum over the classes other than ``pred`` of
+    exp(b (z_c - max z)), b_j = inverse_temperatures[j] (``ABSENT`` where C = 1); ``rest_slope``:
+    b L'(b) and ``rest_curvature``: b^2 L''(b) there (float16). With the margin max z - z_y =
+    nll + log(confidence) they give the NLL at any temperature in the grid (curve.py).
+    ``legacy_nll_t``: a version-1/2 blob's NLL at the grid points (then the model's columns have no
+    values); None for records of this version.
     """
 
     sample_id: npt.NDArray[np.int64]
@@ -113,8 +116,9 @@ class Records:
     confidence: npt.NDArray[np.float32]
     brier: npt.NDArray[np.float32]
     entropy: npt.NDArray[np.float32]
-    top_gaps: npt.NDArray[np.float32]
     log_rest: npt.NDArray[np.float32]
+    rest_slope: npt.NDArray[np.float16]
+    rest_curvature: npt.NDArray[np.float16]
     inverse_temperatures: npt.NDArray[np.float64]
     legacy_nll_t: npt.NDArray[np.float32] | None = None
 
@@ -125,8 +129,8 @@ class Records:
             if arr.shape[0] != n:
                 raise ValueError(f"records field {name} has {arr.shape[0]} rows, expected {n}")
         g = len(self.inverse_temperatures)
-        widths = (0, 0) if self.legacy_nll_t is not None else (TOP_GAPS, g)
-        for name, width in zip(("top_gaps", "log_rest"), widths, strict=True):
+        width = 0 if self.legacy_nll_t is not None else g
+        for name in MODEL_FIELDS:
             arr = getattr(self, name)
             if arr.ndim != 2 or arr.shape[1] != width:
                 raise ValueError(f"{name} must be [n, {width}], got {list(arr.shape)}")
@@ -187,10 +191,9 @@ class Records:
     @classmethod
     def empty(cls, inverse_temperatures: Sequence[float]) -> Records:
         g = len(inverse_temperatures)
-        widths = {"top_gaps": TOP_GAPS, "log_rest": g}
         return cls(
             **{
-                name: np.empty((0, widths[name]) if name in widths else 0, dtype=dt)
+                name: np.empty((0, g) if name in MODEL_FIELDS else 0, dtype=dt)
                 for name, dt in FIELDS.items()
             },
             inverse_temperatures=np.asarray(inverse_temperatures, dtype=np.float64),
@@ -228,8 +231,7 @@ class Records:
         g = len(self.inverse_temperatures)
         return dataclasses.replace(
             self,
-            top_gaps=np.empty((len(self), 0), np.float32),
-            log_rest=np.empty((len(self), 0), np.float32),
+            **{name: np.empty((len(self), 0), FIELDS[name]) for name in MODEL_FIELDS},
             legacy_nll_t=self.nll_t.astype(np.float32).reshape(len(self), g),
         )
 
@@ -263,7 +265,7 @@ class Records:
         """(name, dtype, array) of every stored column: version 3's, or a legacy blob's."""
         if self.legacy_nll_t is None:
             return [(name, dt, getattr(self, name)) for name, dt in FIELDS.items()]
-        out = [(n, dt, getattr(self, n)) for n, dt in FIELDS.items() if n not in ("top_gaps", "log_rest")]
+        out = [(n, dt, getattr(self, n)) for n, dt in FIELDS.items() if n not in MODEL_FIELDS]
         return [*out, (LEGACY_NLL_T[0], LEGACY_NLL_T[1], self.legacy_nll_t)]
 
     def nbytes_per_sample(self) -> float:
@@ -320,8 +322,8 @@ class Records:
         legacy = arrays.pop(LEGACY_NLL_T[0], None)
         if version < VERSION:
             # No temperature model before version 3 (see the module docstring).
-            arrays["top_gaps"] = np.empty((n, 0), np.float32)
-            arrays["log_rest"] = np.empty((n, 0), np.float32)
+            for name in MODEL_FIELDS:
+                arrays[name] = np.empty((n, 0), FIELDS[name])
             if legacy is None:
                 raise ValueError(f"records blob of version {version} lacks field 'nll_t'")
         missing = set(FIELDS) - set(arrays)

@@ -11,7 +11,7 @@ Per block of rows (z = scores upcast to float32, y = labels):
     nll         = (m - z_y) + log S
     brier       = sum_c p_c^2 - 2 p_y + 1
     entropy     = log S - sum_c p_c (z_c - m)
-    top_gaps, log_rest: the temperature model's columns (fused.rest_columns, curve.py)
+    log_rest, rest_slope, rest_curvature: the temperature model's columns (moments.py, curve.py)
 
 Buffers are allocated once, sized for ``rows`` rows, and reused for every block
 of every chunk: fresh full-size tensors per chunk cost page faults that
@@ -36,9 +36,9 @@ import torch
 
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.errors import ChunkError
-from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for, rest_columns
-from evalstream.service.engine.powers import RestPlan, rest_plan
-from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, TOP_GAPS, Records
+from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for
+from evalstream.service.engine.moments import RestMoments
+from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, Records
 from evalstream.service.engine.validate import locate_non_finite, validate
 
 # One [rows, C] float32 buffer stays at or under this size: ~256 rows at C=3,000, so the
@@ -114,7 +114,7 @@ class ChunkReducer:
         self.backend = resolve_backend(config.backend, self.device)
         cap = CUDA_BUFFER_BYTES if self.device.type == "cuda" else BUFFER_BYTES
         self.rows = max(1, min(config.block_rows, cap // (4 * num_classes)))
-        self.plan: RestPlan = rest_plan(tuple(float(a) for a in config.inverse_temperatures))
+        self.moments = RestMoments(tuple(config.inverse_temperatures), num_classes)
         self.grid = np.asarray(config.inverse_temperatures, dtype=np.float64)
         if config.intra_op_threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(config.intra_op_threads)
@@ -174,6 +174,7 @@ class ChunkReducer:
         chunk = validate(scores, labels, sample_ids, self.num_classes)
         n = chunk.labels.shape[0]
         grid = self.config.inverse_temperatures
+        g = len(grid)
         if n == 0:
             return Records.empty(grid)
         kernel = self._kernel(chunk.scores.dtype)
@@ -202,8 +203,9 @@ class ChunkReducer:
             confidence=floats_np[:, 1].copy(),
             brier=floats_np[:, 2].copy(),
             entropy=floats_np[:, 3].copy(),
-            top_gaps=np.ascontiguousarray(floats_np[:, 4 : 4 + TOP_GAPS]),
-            log_rest=np.ascontiguousarray(floats_np[:, 4 + TOP_GAPS :]),
+            log_rest=np.ascontiguousarray(floats_np[:, 4 : 4 + g]),
+            rest_slope=floats_np[:, 4 + g : 4 + 2 * g].astype(FIELDS["rest_slope"]),
+            rest_curvature=floats_np[:, 4 + 2 * g :].astype(FIELDS["rest_curvature"]),
             inverse_temperatures=self.grid.copy(),
         )
 
@@ -236,7 +238,8 @@ class ChunkReducer:
         if n == 1:  # a dynamic row count must be >= 2, or the kernel would be recompiled for 1
             z, y = z.expand(2, -1).contiguous(), y.expand(2).contiguous()
         floats, ints, lse = kernel(z, y)
-        return floats[:n], ints[:n], lse[:n]
+        model = self.moments(z[:n].float())
+        return torch.cat([floats[:n], model], dim=1), ints[:n], lse[:n]
 
     def _reduce_eager(
         self, scores: torch.Tensor, labels: torch.Tensor
@@ -244,8 +247,8 @@ class ChunkReducer:
         """The block loop: outputs filled block by block on the device."""
         n = labels.shape[0]
         g = len(self.config.inverse_temperatures)
-        # Output columns: nll, conf, brier, entropy, top_gaps, log_rest...; pred, rank, ties; logsumexp.
-        floats = torch.empty((n, 4 + TOP_GAPS + g), dtype=torch.float32, device=self.device)
+        # Output columns: nll, conf, brier, entropy, the model's 3 x G; pred, rank, ties; logsumexp.
+        floats = torch.empty((n, 4 + 3 * g), dtype=torch.float32, device=self.device)
         ints = torch.empty((n, 3), dtype=torch.int32, device=self.device)
         lse = torch.empty(n, dtype=torch.float32, device=self.device)
         labels_dev = labels.to(self.device, non_blocking=True)
@@ -324,11 +327,7 @@ class ChunkReducer:
         out_f[:, 1] = conf
         out_f[:, 2] = brier
         out_f[:, 3] = entropy
-        d = torch.sub(z, m.unsqueeze(1), out=work)
-        grid = tuple(float(a) for a in self.config.inverse_temperatures)
-        gaps, log_rest = rest_columns(z, m.unsqueeze(1), d, grid, self.plan)
-        out_f[:, 4 : 4 + TOP_GAPS] = gaps
-        out_f[:, 4 + TOP_GAPS :] = log_rest
+        out_f[:, 4:] = self.moments(z)
         out_i[:, 0] = first
         out_i[:, 1] = rank.clamp_(max=float(self.config.max_rank))
         out_i[:, 2] = ties

@@ -1,0 +1,160 @@
+/* The temperature model's row sums on the CPU (moments.py builds and calls this; curve.py uses them).
+ *
+ * For each row z of an [n, c] float32 block: m = max z, a = the first index of m, m2 = max over c != a,
+ * x_c = z_c - m2 (<= 0 outside a), and for each output grid point b:
+ *
+ *     S0 = sum_{c != a} exp(b x_c),  S1 = sum_{c != a} x_c exp(b x_c),  S2 = sum_{c != a} x_c^2 exp(b x_c)
+ *
+ * Why a hand-written loop: the sums need every grid point's power of every class, and PyTorch (eager:
+ * one pass over the block per operation; inductor: the shared powers recomputed inside each of the 33
+ * reductions) costs 10-20x this single loop, which computes each power once per class and feeds all
+ * three sums from registers.
+ *
+ * The powers follow a plan (moments.py): op i is exp(scale_i x) when a_i < 0, else v_{a_i} * v_{b_i}
+ * (a product of two earlier ops). The default grid b = 0.05 k, k = 1, 2, 3, 5, 10, 20, 30, 50, 100, 200,
+ * 400, is one exponential and ten products. A product chain to k rounds about k/2 ulps into the power;
+ * its largest term is exp(0) = 1 exactly, so sums are >= 1.
+ *
+ * Subnormal powers are flushed to zero (MXCSR, restored on return): their terms are below 1e-38 of a
+ * sum that is >= 1, and x86 computes with them ~100x slower.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#define W 16
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+static const vi LANES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+static inline vf blend(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline vf splat(float v) { return (vf){} + v; }
+
+/* exp(x) for finite x <= ~0: 2^n p(r) with Cephes' degree-6 polynomial (~1 ulp); 0 below -87.
+ * exp(0) is exactly 1, so the largest term of every sum is exact. */
+static inline vf vexp(vf x) {
+    vi under = x < splat(-87.0f);
+    x = blend(under, splat(-87.0f), x);
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(fx, vi);
+    vf fn = __builtin_convertvector(n, vf);
+    n -= (vi)(fn > fx) & 1; /* floor */
+    fn = __builtin_convertvector(n, vf);
+    vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vf r2 = r * r;
+    vf p = splat(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r2 + r + 1.0f;
+    vf out = p * (vf)((n + 127) << 23);
+    return (vf)((vi)out & ~under);
+}
+
+static inline vf load(const float *row, int64_t j, int64_t c, float fill) {
+    vf v = splat(fill);
+    if (j + W <= c) {
+        memcpy(&v, row + j, sizeof v);
+    } else {
+        for (int64_t l = 0; j + l < c; l++) v[l] = row[j + l];
+    }
+    return v;
+}
+
+static float hmax(vf v) {
+    float m = v[0];
+    for (int l = 1; l < W; l++) m = v[l] > m ? v[l] : m;
+    return m;
+}
+
+/* The plan is compiled in (moments.py passes it as macros, one library per plan):
+ *   NOPS, NOUT            ops and output grid points
+ *   PLAN                  statements v[i] = EXP(scale) or v[i] = v[a] * v[b], in order
+ *   OUTS                  the comma-separated op index of each output grid point
+ * so the compiler unrolls the ops and keeps the sums in registers (a runtime plan costs ~2x). */
+#ifndef NOPS
+#define NOPS 11
+#define NOUT 11
+#define PLAN                                                                                              \
+    v[0] = EXP(0.05f); v[1] = v[0] * v[0]; v[2] = v[1] * v[0]; v[3] = v[2] * v[1]; v[4] = v[3] * v[3];      \
+    v[5] = v[4] * v[4]; v[6] = v[5] * v[4]; v[7] = v[6] * v[5]; v[8] = v[7] * v[7]; v[9] = v[8] * v[8];       \
+    v[10] = v[9] * v[9];
+#define OUTS 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+#endif
+#define EXP(scale) ((vf)((vi)vexp(x * (scale)) & keep))
+
+static const int OUT_OPS[NOUT] = {OUTS};
+
+int rest_moments_nout(void) { return NOUT; }
+
+void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
+                  int32_t *argmax) {
+#if defined(__SSE__)
+    unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero */
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = z + i * c;
+        vf vm = splat(-INFINITY);
+        for (int64_t j = 0; j < c; j += W) {
+            vf v = load(row, j, c, -INFINITY);
+            vm = blend(v > vm, v, vm);
+        }
+        float m = hmax(vm);
+        int64_t a = 0;
+        while (a < c - 1 && row[a] != m) a++;
+        vf vm2 = splat(-INFINITY);
+        for (int64_t j = 0; j < c; j += W) {
+            vf v = load(row, j, c, -INFINITY);
+            v = blend(LANES + (int32_t)j == (int32_t)a, splat(-INFINITY), v);
+            vm2 = blend(v > vm2, v, vm2);
+        }
+        float m2 = hmax(vm2);
+        row_max[i] = m;
+        rest_max[i] = m2;
+        argmax[i] = (int32_t)a;
+        float *out = sums + i * 3 * (int64_t)NOUT;
+        if (c < 2) {
+            for (int k = 0; k < 3 * NOUT; k++) out[k] = 0.0f;
+            continue;
+        }
+        vf s0[NOUT], s1[NOUT], s2[NOUT], v[NOPS];
+        for (int k = 0; k < NOUT; k++) s0[k] = s1[k] = s2[k] = splat(0.0f);
+        for (int64_t j = 0; j < c; j += W) {
+            vf x = load(row, j, c, m2) - m2;
+            /* outside the row and at the row's first maximum: x = 0 (finite) and every power 0 */
+            vi keep = (LANES + (int32_t)j != (int32_t)a) & (LANES + (int32_t)j < (int32_t)c);
+            x = blend(keep, x, splat(0.0f));
+            x = blend(x < splat(-1e15f), splat(-1e15f), x); /* x^2 stays finite; its power is 0 */
+            vf xx = x * x;
+            PLAN
+            for (int k = 0; k < NOUT; k++) {
+                vf p = v[OUT_OPS[k]];
+                s0[k] += p;
+                s1[k] += x * p;
+                s2[k] += xx * p;
+            }
+        }
+        for (int k = 0; k < NOUT; k++) {
+            float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
+            for (int l = 0; l < W; l++) {
+                t0 += s0[k][l];
+                t1 += s1[k][l];
+                t2 += s2[k][l];
+            }
+            out[3 * k] = t0;
+            out[3 * k + 1] = t1;
+            out[3 * k + 2] = t2;
+        }
+    }
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#endif
+}
