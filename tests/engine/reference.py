@@ -45,19 +45,32 @@ def per_sample(
 
 
 ABSENT = -1e30
+HALF_MAX = 65504.0
 
 
 def temperature_model(z: np.ndarray, inverse_temperatures: np.ndarray) -> dict[str, np.ndarray]:
-    """top_gaps (2nd-4th largest z minus the max) and log_rest (log of sum exp(b (z_c - max)) over the
-    classes outside the 4 largest), by sorting each row: ABSENT where there are not enough classes."""
+    """log_rest, rest_slope, rest_curvature in float64: L(b) = log sum over the classes other than the
+    first maximum of exp(b (z_c - max z)), b L'(b) and b^2 L''(b) (the softmax mean and variance of
+    z_c - max z over those classes); ABSENT, 0, 0 where there is no other class."""
     n, c = z.shape
-    d = np.sort(z - z.max(axis=1, keepdims=True), axis=1)[:, ::-1]
-    gaps = np.full((n, 3), ABSENT)
-    gaps[:, : min(3, c - 1)] = d[:, 1:4]
-    rest = np.full((n, len(inverse_temperatures)), ABSENT)
-    if c >= 5:
-        rest = np.stack([logsumexp(a * d[:, 4:]) for a in inverse_temperatures], axis=1)
-    return {"top_gaps": gaps, "log_rest": rest}
+    g = len(inverse_temperatures)
+    if c < 2:
+        return {"log_rest": np.full((n, g), ABSENT), "rest_slope": np.zeros((n, g)), "rest_curvature": np.zeros((n, g))}
+    d = z - z.max(axis=1, keepdims=True)
+    first = z.argmax(axis=1)
+    rest = d.copy()
+    rest[np.arange(n), first] = -np.inf
+    cols: dict[str, list[np.ndarray]] = {"log_rest": [], "rest_slope": [], "rest_curvature": []}
+    for b in inverse_temperatures:
+        lse = logsumexp(b * rest)
+        w = np.exp(b * rest - lse[:, None])
+        x = np.where(np.isfinite(rest), rest, 0.0)
+        mean = (w * x).sum(axis=1)
+        var = (w * (x - mean[:, None]) ** 2).sum(axis=1)
+        cols["log_rest"].append(lse)
+        cols["rest_slope"].append(np.clip(b * mean, -HALF_MAX, HALF_MAX))  # float16's range, as stored
+        cols["rest_curvature"].append(np.minimum(b * b * var, HALF_MAX))
+    return {k: np.stack(v, axis=1) for k, v in cols.items()}
 
 
 def topk_credit(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:

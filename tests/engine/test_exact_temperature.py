@@ -1,14 +1,18 @@
 """T* and the calibrated NLL against the exact optimum of the float64 logits, over T in [0.05, 20].
 
-The engine stores each sample's 3 leading gaps and its residual log-sum at the grid points
-(curve.py); these tests place T* across the grid by scaling logits and compare with a
-golden-section search on the float64 logits themselves (tests/engine/reference.py).
+The engine stores each sample's L, b L' and b^2 L'' at the grid points (moments.py, curve.py); these
+tests place T* across the grid by scaling logits and compare with a golden-section search on the
+float64 logits themselves (tests/engine/reference.py). The native kernel's sums are pinned to
+PyTorch's and both to float64.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,29 +21,36 @@ import torch
 from evalstream.client.synthetic import SyntheticValidationSet
 from evalstream.service.compare.temperature import sample_nll_at
 from evalstream.service.engine import EngineConfig, Records
+from evalstream.service.engine.config import DEFAULT_INVERSE_TEMPERATURES
 from evalstream.service.engine.curve import ABOVE, BELOW, INSIDE
 from evalstream.service.engine.metrics import compute_metrics
-from evalstream.service.engine.records import FIELDS, MAGIC
+from evalstream.service.engine.moments import RestMoments, plan
+from evalstream.service.engine.records import FIELDS, MAGIC, MODEL_FIELDS
 from evalstream.service.engine.reducer import ChunkReducer
 from tests.engine import reference as ref
 
 C, N = 3000, 500
-# Calibrated NLL to the exact optimum: 1e-4 nats on the demo's models; Gaussian logits over 3,000
-# classes are the grid's hardest case (their residual bends most between grid points where b times
-# the logits' spread is ~1.5): measured 1.1e-4 to 1.9e-4 nats there, tested to 3e-4.
-NLL_TOLERANCE = {"synthetic": 1e-4, "gaussian": 3e-4}
+# What the issue asks: T* within 1% and the calibrated NLL within 1e-4 nats of the exact optimum.
+T_TOLERANCE, NLL_TOLERANCE = 1e-2, 1e-4
+# T* between grid points (b = 18.2, 12.5, 3.3, 0.77, 0.25, 0.083, 0.056), where interpolation errs most.
+T_STARS = (0.055, 0.08, 0.3, 1.3, 4.0, 12.0, 18.0)
 
 
 def _logits(t_star: float, seed: int, kind: str = "gaussian") -> tuple[np.ndarray, np.ndarray]:
-    """Logits scaled so that the best temperature is ``t_star`` (T* of c z is c T* of z): Gaussian
-    logits with a label bump, or the demo's "sharp" model."""
+    """Logits scaled so that the best temperature is ``t_star`` (T* of c z is c T* of z): Gaussian,
+    Student-t (3 degrees of freedom) or uniform logits with a label bump, or the demo's "sharp" model."""
     if kind == "synthetic":
         z32, y, _ = SyntheticValidationSet(num_samples=N, num_classes=C, seed=seed).batch("sharp", 0, N)
         z = z32.astype(np.float64)
     else:
         rng = np.random.default_rng(seed)
         y = rng.integers(0, C, N)
-        z = rng.standard_normal((N, C))
+        if kind == "gaussian":
+            z = rng.standard_normal((N, C))
+        elif kind == "heavy":
+            z = rng.standard_t(3, (N, C))
+        else:
+            z = rng.random((N, C)) * 4.0
         z[np.arange(N), y] += 3.0 * rng.random(N)
     t0, _ = ref.exact_temperature(z, y, lo=1 / 200, hi=200)
     return (z * (t_star / t0)).astype(np.float32), y
@@ -51,30 +62,38 @@ def reducers() -> dict[str, ChunkReducer]:
     return {b: ChunkReducer(C, EngineConfig(device="cpu", backend=b)) for b in ("eager", "compiled")}
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("t_star", [0.06, 0.3, 1.0, 3.0, 15.0])
-@pytest.mark.parametrize("kind", ["synthetic", "gaussian"])
-def test_t_star_and_calibrated_nll_are_exact(
-    reducers: dict[str, ChunkReducer], backend: str, dtype: str, t_star: float, kind: str
-) -> None:
-    logits, labels = _logits(t_star, seed=int(t_star * 100), kind=kind)
-    scores = torch.from_numpy(logits)
-    if dtype == "bfloat16":
-        scores = scores.to(torch.bfloat16)
-        logits = scores.float().numpy()  # the exact optimum of the values the engine saw
-    reducer = reducers[backend]
+def _check_exact(reducer: ChunkReducer, scores: torch.Tensor, labels: np.ndarray) -> None:
     recs = reducer.reduce(scores, labels)
     rep = compute_metrics(recs, C, reducer.config)
-    exact_t, exact_nll = ref.exact_temperature(logits, labels)
+    exact_t, exact_nll = ref.exact_temperature(scores.float().numpy(), labels)
     assert 0.05 < exact_t < 20
     scan = rep.temperature
     assert scan.beyond_grid == INSIDE
-    assert scan.best_temperature == pytest.approx(exact_t, rel=1e-2)
-    assert scan.calibrated_nll == pytest.approx(exact_nll, abs=NLL_TOLERANCE[kind])
+    assert scan.best_temperature == pytest.approx(exact_t, rel=T_TOLERANCE)
+    assert scan.calibrated_nll == pytest.approx(exact_nll, abs=NLL_TOLERANCE)
     # Compare's per-sample NLL at T* is the same model: its mean is the reported calibrated NLL.
     per_sample = sample_nll_at(recs, scan.best_temperature)
     assert float(np.mean(per_sample)) == pytest.approx(scan.calibrated_nll, abs=1e-12)
+
+
+@pytest.mark.parametrize("t_star", T_STARS)
+@pytest.mark.parametrize("kind", ["synthetic", "gaussian", "heavy", "uniform"])
+def test_t_star_and_calibrated_nll_are_exact(reducers: dict[str, ChunkReducer], t_star: float, kind: str) -> None:
+    logits, labels = _logits(t_star, seed=int(t_star * 100), kind=kind)
+    _check_exact(reducers["compiled"], torch.from_numpy(logits), labels)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("t_star", [0.08, 1.3, 12.0])
+def test_exact_on_both_backends_and_half_scores(
+    reducers: dict[str, ChunkReducer], backend: str, dtype: str, t_star: float
+) -> None:
+    logits, labels = _logits(t_star, seed=int(t_star * 100) + 1)
+    scores = torch.from_numpy(logits)
+    if dtype == "bfloat16":
+        scores = scores.to(torch.bfloat16)  # the exact optimum is then that of the values the engine saw
+    _check_exact(reducers[backend], scores, labels)
 
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
@@ -92,18 +111,80 @@ def test_an_optimum_beyond_the_grid_is_reported_as_a_bound(
     assert rep.scalars()["temperature_beyond_grid"] == side
 
 
-def test_eager_and_compiled_agree_and_gaps_are_identical(reducers: dict[str, ChunkReducer]) -> None:
+def test_eager_and_compiled_records_agree_and_are_126_bytes(reducers: dict[str, ChunkReducer]) -> None:
     logits, labels = _logits(1.0, seed=3)
     eager = reducers["eager"].reduce(logits, labels)
     compiled = reducers["compiled"].reduce(logits, labels)
-    np.testing.assert_array_equal(eager.top_gaps, compiled.top_gaps)
-    np.testing.assert_allclose(eager.log_rest, compiled.log_rest, rtol=3e-5, atol=3e-5)
+    for name in ("log_rest", "rest_slope", "rest_curvature"):
+        np.testing.assert_array_equal(getattr(eager, name), getattr(compiled, name), err_msg=name)
     assert eager.nbytes_per_sample() == compiled.nbytes_per_sample() == 126
 
 
+def _hard_rows(c: int, seed: int) -> torch.Tensor:
+    """Gaussian rows at three spreads, plus a constant row, a tie at the maximum, a class masked
+    with -1e9 and a row whose rest lies far below its maximum."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(40, c, generator=gen) * torch.tensor([0.1, 3.0, 40.0]).repeat(14)[:40, None]
+    z[0] = 1.5
+    if c >= 2:
+        z[1, : min(c, 3)] = z[1].max() + 1.0
+        z[2, c // 2] = -1e9
+        z[3, 0] = z[3].max() + 200.0
+    return z
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 16, 17, 1000, 3001])
+def test_native_kernel_matches_pytorch_and_float64(c: int) -> None:
+    """The fast path (rest_moments.c) against PyTorch on the same float32 rows and both against float64:
+    every tail length of the 16-lane loop, ties at the maximum, masked classes, huge gaps."""
+    grid = DEFAULT_INVERSE_TEMPERATURES
+    native, plain = RestMoments(grid, c), RestMoments(grid, c, native_kernel=False)
+    assert native.is_native and not plain.is_native
+    z = _hard_rows(c, seed=c)
+    got, want = native(z), plain(z)
+    g = len(grid)
+    np.testing.assert_allclose(got[:, :g], want[:, :g], rtol=3e-5, atol=3e-5)
+    np.testing.assert_allclose(got[:, g:], want[:, g:], rtol=1e-4, atol=1e-4)
+    exp = ref.temperature_model(z.double().numpy(), np.asarray(grid))
+    for k, name in enumerate(("log_rest", "rest_slope", "rest_curvature")):
+        np.testing.assert_allclose(
+            got[:, k * g : (k + 1) * g].double().numpy(), exp[name], rtol=1e-4, atol=1e-4, err_msg=name
+        )
+
+
+def test_the_default_grid_is_one_exponential_and_products() -> None:
+    p = plan(DEFAULT_INVERSE_TEMPERATURES)
+    assert sum(a < 0 for a, _, _ in p.ops) == 1 and len(p.ops) == len(DEFAULT_INVERSE_TEMPERATURES)
+    # A grid that is not made of multiples takes an exponential per point and still matches float64.
+    odd = (0.3, 1.0, 1.7, 2.9)
+    assert sum(a < 0 for a, _, _ in plan(odd).ops) >= 2
+    z = _hard_rows(500, seed=1)
+    exp = ref.temperature_model(z.double().numpy(), np.asarray(odd))
+    np.testing.assert_allclose(RestMoments(odd, 500)(z)[:, :4].double().numpy(), exp["log_rest"], rtol=3e-5, atol=3e-5)
+
+
+def test_without_a_c_compiler_the_engine_uses_pytorch(tmp_path: object) -> None:
+    """No compiler on PATH: the same records, computed by PyTorch (logged, not failed)."""
+    code = (
+        "import numpy as np, torch\n"
+        "from evalstream.service.engine import EngineConfig\n"
+        "from evalstream.service.engine.reducer import ChunkReducer\n"
+        "r = ChunkReducer(300, EngineConfig(device='cpu'))\n"
+        "assert not r.moments.is_native\n"
+        "z = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3\n"
+        "recs = r.reduce(z, np.arange(64) % 300)\n"
+        "np.save('out.npy', recs.log_rest)\n"
+    )
+    env = {**os.environ, "PATH": "/nonexistent", "CC": "", "EVALSTREAM_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
+    z = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
+    native = ChunkReducer(300, EngineConfig(device="cpu")).reduce(z, np.arange(64) % 300)
+    np.testing.assert_allclose(np.load(f"{tmp_path}/out.npy"), native.log_rest, rtol=3e-5, atol=3e-5)
+
+
 @pytest.mark.parametrize("num_classes", [1, 2, 4, 5])
-def test_few_classes_need_no_residual(num_classes: int) -> None:
-    """Below 5 classes the top 4 hold every class: the residual is ABSENT and the model is exact."""
+def test_few_classes(num_classes: int) -> None:
+    """With few classes the model is exact at the grid points (one class: no rest at all)."""
     rng = np.random.default_rng(num_classes)
     logits = (rng.standard_normal((200, num_classes)) * 2).astype(np.float32)
     labels = rng.integers(0, num_classes, 200)
@@ -111,12 +192,11 @@ def test_few_classes_need_no_residual(num_classes: int) -> None:
     recs = ChunkReducer(num_classes, cfg).reduce(logits, labels)
     exp = ref.per_sample(logits, labels, np.asarray(cfg.inverse_temperatures))
     np.testing.assert_allclose(recs.nll_t, exp["nll_t"], rtol=2e-6, atol=2e-5)
-    assert np.isfinite(recs.log_rest).all() and np.isfinite(recs.top_gaps).all()
+    assert np.isfinite(recs.log_rest).all() and np.isfinite(recs.rest_slope).all()
 
 
-def test_ties_in_the_top_four_and_beyond() -> None:
-    """Equal scores at the 4th and 5th place (and a collapsed row): values only enter, so the model
-    is exact whichever tied class topk keeps."""
+def test_ties_at_the_top_and_a_collapsed_row() -> None:
+    """Equal scores at the maximum (a collapsed row): only the first maximum leaves the rest."""
     logits = np.zeros((3, 50), np.float32)
     logits[0, :6] = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0]
     logits[1, :3] = [2.0, 2.0, 2.0]
@@ -130,7 +210,7 @@ def test_ties_in_the_top_four_and_beyond() -> None:
 
 def _legacy_blob(recs: Records, version: int) -> bytes:
     """A version-1/2 blob as those builds wrote it: ``nll_t`` in place of the model's columns."""
-    fields = [n for n in FIELDS if n not in ("top_gaps", "log_rest") and (version > 1 or n != "ties")]
+    fields = [n for n in FIELDS if n not in MODEL_FIELDS and (version > 1 or n != "ties")]
     nll_t = recs.nll_t.astype(np.float32)
     header = {
         "n": len(recs),
