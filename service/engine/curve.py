@@ -63,20 +63,28 @@ def margins(records: Records) -> F64:
 class Curve:
     """The model of a set of records, with the columns every evaluation reads laid out once: one
     contiguous float64 row per grid point of L, L' and L'' (in b), so an evaluation streams through a
-    few contiguous arrays instead of strided record columns."""
+    few contiguous arrays instead of strided record columns.
+
+    The rows are kept in an order set by their content (margin, then L at the middle grid point),
+    not by arrival: a float64 sum depends on the order of its terms, and T* (Brent's search on the
+    mean) must not depend on the order in which ranks arrived. ``sample`` answers in record order.
+    """
 
     def __init__(self, records: Records) -> None:
         self.records = records
         self.grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
-        self.margin = margins(records)
-        self.value = np.ascontiguousarray(records.log_rest.T, dtype=np.float64)
-        self.slope = np.ascontiguousarray(records.rest_slope.T, dtype=np.float64) / self.grid[:, None]
-        self.curvature = np.ascontiguousarray(records.rest_curvature.T, dtype=np.float64) / (
+        margin = margins(records)
+        mid = records.log_rest[:, len(self.grid) // 2] if len(self.grid) else margin
+        self.order = np.lexsort((mid, margin))
+        self.margin = margin[self.order]
+        self.value = np.ascontiguousarray(records.log_rest[self.order].T, dtype=np.float64)
+        self.slope = np.ascontiguousarray(records.rest_slope[self.order].T, dtype=np.float64) / self.grid[:, None]
+        self.curvature = np.ascontiguousarray(records.rest_curvature[self.order].T, dtype=np.float64) / (
             self.grid[:, None] ** 2
         )
 
     def log_rest(self, b: float) -> F64:
-        """[n] L(b) of every sample (b within the grid)."""
+        """[n] L(b) of every sample (b within the grid), in the content order."""
         g = len(self.grid)
         if g == 1:
             return self.value[0].copy()
@@ -91,12 +99,18 @@ class Curve:
         out += self.value[i + 1] * w5
         return out
 
-    def sample(self, b: float) -> F64:
-        """[n] NLL of every sample at inverse temperature ``b`` (within the grid), float64."""
+    def _sorted_sample(self, b: float) -> F64:
         return b * self.margin + np.logaddexp(0.0, self.log_rest(b))
 
+    def sample(self, b: float) -> F64:
+        """[n] NLL of every sample at inverse temperature ``b`` (within the grid), float64, in the
+        records' order."""
+        out = np.empty(len(self.margin))
+        out[self.order] = self._sorted_sample(b)
+        return out
+
     def mean(self, b: float) -> float:
-        return float(np.mean(self.sample(b))) if len(self.records) else math.nan
+        return float(np.mean(self._sorted_sample(b))) if len(self.records) else math.nan
 
 
 def sample_nll(records: Records, b: float) -> F64:

@@ -43,8 +43,9 @@ def _records_with_curve(grid: tuple[float, ...], curve: np.ndarray) -> Records:
         confidence=np.full(n, 0.5, np.float32),
         brier=np.zeros(n, np.float32),
         entropy=np.zeros(n, np.float32),
-        top_gaps=np.empty((n, 0), np.float32),
         log_rest=np.empty((n, 0), np.float32),
+        rest_slope=np.empty((n, 0), np.float16),
+        rest_curvature=np.empty((n, 0), np.float16),
         inverse_temperatures=recs.inverse_temperatures,
         legacy_nll_t=np.tile(curve.astype(np.float32), (n, 1)).reshape(n, g),
     )

@@ -248,7 +248,14 @@ RECORDS_CASES = [
     RecordsCase("Inf residual log-sum", _spoil("log_rest", float("inf")), "non_finite"),
     RecordsCase("NaN confidence", _spoil("confidence", float("nan")), "non_finite"),
     RecordsCase("negative nll", _spoil("nll", -0.5), "record_out_of_bounds"),
-    RecordsCase("a gap above the maximum", _spoil("top_gaps", 1.0), "record_out_of_bounds"),
+    RecordsCase("a positive rest slope", _spoil("rest_slope", 1.0), "record_out_of_bounds"),
+    RecordsCase("a negative rest curvature", _spoil("rest_curvature", -1.0), "record_out_of_bounds"),
+    RecordsCase(
+        "a residual log-sum above log C",
+        _spoil("log_rest", float(np.log(NUM_CLASSES)) + 0.01),
+        "record_out_of_bounds",
+    ),
+    RecordsCase("Inf rest curvature", _spoil("rest_curvature", float("inf")), "non_finite"),
     RecordsCase("brier above 2", _spoil("brier", 2.5), "record_out_of_bounds"),
     RecordsCase("negative brier", _spoil("brier", -0.1), "record_out_of_bounds"),
     RecordsCase(
