@@ -35,6 +35,8 @@ static inline vf blend(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)
 
 static inline vf splat(float v) { return (vf){} + v; }
 
+static inline vi splat_i(int32_t v) { return (vi){} + v; }
+
 /* exp(x) for finite x <= ~0: 2^n p(r) with Cephes' degree-6 polynomial (~1 ulp); 0 below -87.
  * exp(0) is exactly 1, so the largest term of every sum is exact. */
 static inline vf vexp(vf x) {
@@ -102,21 +104,27 @@ void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_
 #endif
     for (int64_t i = 0; i < n; i++) {
         const float *row = z + i * c;
-        vf vm = splat(-INFINITY);
+        /* One pass for the maximum, its first index and the largest other score: per lane the top
+         * two and the first index of the top (a tie at the top makes it the second too). */
+        vf top = splat(-INFINITY), second = splat(-INFINITY);
+        vi at = splat_i(0);
         for (int64_t j = 0; j < c; j += W) {
             vf v = load(row, j, c, -INFINITY);
-            vm = blend(v > vm, v, vm);
+            vi above = v > top;
+            second = blend(above, top, blend(v > second, v, second));
+            at = (vi)blend(above, (vf)(LANES + (int32_t)j), (vf)at);
+            top = blend(above, v, top);
         }
-        float m = hmax(vm);
-        int64_t a = 0;
-        while (a < c - 1 && row[a] != m) a++;
-        vf vm2 = splat(-INFINITY);
-        for (int64_t j = 0; j < c; j += W) {
-            vf v = load(row, j, c, -INFINITY);
-            v = blend(LANES + (int32_t)j == (int32_t)a, splat(-INFINITY), v);
-            vm2 = blend(v > vm2, v, vm2);
+        float m = hmax(top);
+        int lane = -1;
+        for (int l = 0; l < W; l++)
+            if (top[l] == m && (lane < 0 || at[l] < at[lane])) lane = l;
+        float m2 = -INFINITY;
+        for (int l = 0; l < W; l++) {
+            if (second[l] > m2) m2 = second[l];
+            if (l != lane && top[l] > m2) m2 = top[l];
         }
-        float m2 = hmax(vm2);
+        int64_t a = lane < 0 ? 0 : at[lane];
         row_max[i] = m;
         rest_max[i] = m2;
         argmax[i] = (int32_t)a;
