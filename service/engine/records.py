@@ -208,12 +208,13 @@ class Records:
                 raise ValueError("concat of no records needs the temperature grid")
             return cls.empty(inverse_temperatures)
         grid = parts[0].inverse_temperatures
-        for p in parts[1:]:
-            if not np.array_equal(p.inverse_temperatures, grid):
-                raise ValueError("cannot merge records computed on different temperature grids")
-        if any(p.legacy for p in parts):
-            # An evaluation begun before version 3: the merge keeps the grid NLLs of every part.
-            parts = [p if p.legacy else p.as_legacy() for p in parts]
+        if any(p.legacy for p in parts) or any(not np.array_equal(p.inverse_temperatures, grid) for p in parts):
+            # An evaluation begun before version 3, or across a change of the grid (an upgrade, a new
+            # setting): every part as the NLL at one grid, the first (a legacy part's if there are
+            # any: those have nothing else) at which every part can be evaluated.
+            candidates = [p.inverse_temperatures for p in parts if p.legacy] or [p.inverse_temperatures for p in parts]
+            grid = next((g for g in candidates if all(p.evaluable_at(g) for p in parts)), candidates[0])
+            parts = [p.as_legacy(grid) for p in parts]
             legacy: npt.NDArray[np.float32] | None = np.concatenate([p.nll_t for p in parts]).astype(
                 np.float32
             )
@@ -225,15 +226,36 @@ class Records:
             legacy_nll_t=legacy,
         )
 
-    def as_legacy(self) -> Records:
-        """These records with the model replaced by its NLL at the grid points (for a merge with legacy
-        records, which have nothing else)."""
-        g = len(self.inverse_temperatures)
+    def as_legacy(self, grid: npt.NDArray[np.float64] | None = None) -> Records:
+        """These records as the NLL at the points of ``grid`` (their own by default), for a merge with
+        legacy records or records of another grid. Records with the model are evaluated at any point
+        within their grid's range; legacy records only at their own points."""
+        grid = self.inverse_temperatures if grid is None else np.asarray(grid, dtype=np.float64)
+        if self.legacy and np.array_equal(grid, self.inverse_temperatures):
+            return self
+        if not self.evaluable_at(grid):
+            raise ValueError(
+                "cannot merge records computed on different temperature grids: records of grid "
+                f"{self.inverse_temperatures.tolist()} cannot be evaluated at {grid.tolist()}"
+            )
+        from evalstream.service.engine.curve import Curve
+
+        model = Curve(self)
+        nll_t = np.stack([model.sample(float(b)) for b in grid], axis=1).reshape(len(self), len(grid))
         return dataclasses.replace(
             self,
             **{name: np.empty((len(self), 0), FIELDS[name]) for name in MODEL_FIELDS},
-            legacy_nll_t=self.nll_t.astype(np.float32).reshape(len(self), g),
+            inverse_temperatures=grid,
+            legacy_nll_t=nll_t.astype(np.float32),
         )
+
+    def evaluable_at(self, grid: npt.NDArray[np.float64]) -> bool:
+        """Whether the NLL at every point of ``grid`` is known: a legacy part's own points only, the
+        model anywhere within its grid's range."""
+        own = self.inverse_temperatures
+        if self.legacy or len(own) == 0:
+            return np.array_equal(grid, own)
+        return len(grid) == 0 or (grid[0] >= own[0] * (1 - 1e-12) and grid[-1] <= own[-1] * (1 + 1e-12))
 
     def take(self, index: npt.NDArray[np.integer] | npt.NDArray[np.bool_] | slice) -> Records:
         return Records(

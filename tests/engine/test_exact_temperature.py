@@ -244,3 +244,33 @@ def test_version_1_and_2_blobs_read_and_fall_back_to_the_parabola(version: int) 
     assert Records.from_bytes(back.to_bytes()).legacy
     merged = Records.concat([back, recs])
     assert merged.legacy and len(merged) == 2 * len(recs)
+
+
+def test_an_evaluation_across_a_change_of_the_grid_merges_on_the_grid_of_its_legacy_part() -> None:
+    """Ranks streamed before an upgrade (version-2 records on the old default grid) and after it
+    (the model on the new grid) finalize together: the new part is evaluated at the old grid's
+    points, and the scan is the legacy parabola there."""
+    old = EngineConfig(device="cpu", inverse_temperatures=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0))
+    new = EngineConfig(device="cpu")
+    logits, labels = _logits(0.7, seed=12)
+    before = Records.from_bytes(_legacy_blob(ChunkReducer(C, old).reduce(logits[:250], labels[:250]), 2))
+    after = ChunkReducer(C, new).reduce(logits[250:], labels[250:])
+    for parts in ([before, after], [after, before]):
+        merged = Records.concat(parts)
+        assert merged.legacy and np.array_equal(merged.inverse_temperatures, old.inverse_temperatures)
+        exp = ref.per_sample(logits, labels, np.asarray(old.inverse_temperatures))["nll_t"]
+        got = merged.nll_t if parts[0] is before else np.concatenate([merged.nll_t[250:], merged.nll_t[:250]])
+        # The model between grid points: each sample to ~1e-3, the mean to ~1e-4 (measured 1.3e-4 at
+        # b = 4, far from this optimum, where the curve is steepest).
+        np.testing.assert_allclose(got, exp, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(got.mean(axis=0), exp.mean(axis=0), atol=3e-4)
+        scan = compute_metrics(merged, C, new).temperature
+        assert scan.best_temperature == pytest.approx(ref.exact_temperature(logits, labels)[0], rel=0.05)
+    # Model records on two grids merge on the one both can be evaluated at, in either order.
+    narrow = ChunkReducer(C, EngineConfig(device="cpu", inverse_temperatures=(0.5, 1.0, 2.0))).reduce(
+        logits[:250], labels[:250]
+    )
+    for parts in ([narrow, after], [after, narrow]):
+        assert Records.concat(parts).inverse_temperatures.tolist() == [0.5, 1.0, 2.0]
+    with pytest.raises(ValueError, match="different temperature grids"):
+        Records.concat([before, Records.from_bytes(_legacy_blob(narrow, 2))])
