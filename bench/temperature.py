@@ -35,7 +35,27 @@ from evalstream.service.engine.reducer import ChunkReducer
 C = 3000
 T_STARS = (0.055, 0.08, 0.3, 1.3, 4.0, 12.0, 18.0)
 FAMILIES = ("gaussian", "student_t3", "uniform", "demo_sharp")
-GRID_19 = (0.05, 0.075, 0.1, 0.15, 0.2, 0.275, 0.375, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 3.8, 5.2, 7.2, 10.2, 14.4, 20.0)
+GRID_19 = (
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.275,
+    0.375,
+    0.5,
+    0.7,
+    1.0,
+    1.4,
+    2.0,
+    2.8,
+    3.8,
+    5.2,
+    7.2,
+    10.2,
+    14.4,
+    20.0,
+)
 GRID_13 = tuple(0.05 * k for k in (1, 2, 3, 5, 8, 13, 20, 33, 53, 86, 140, 240, 400))
 GRID_11 = tuple(0.05 * k for k in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 400))
 
@@ -168,9 +188,12 @@ def main() -> None:
                 worst[1] = max(worst[1], abs(f(b) - want))
             print(rows[-1], flush=True)
     print(table(rows, ["family", "T*", "T* error", "NLL error"]))
-    worst_t = max(abs(float(r["T* error"])) for r in rows)
-    worst_nll = max(abs(float(r["NLL error"])) for r in rows)
-    print(f"engine: worst T* error {worst_t:.1e} (need < 1e-2), worst calibrated NLL error {worst_nll:.1e} (need < 1e-4)")
+    worst_t = max(abs(float(str(r["T* error"]))) for r in rows)
+    worst_nll = max(abs(float(str(r["NLL error"]))) for r in rows)
+    print(
+        f"engine: worst T* error {worst_t:.1e} (need < 1e-2), "
+        f"worst calibrated NLL error {worst_nll:.1e} (need < 1e-4)"
+    )
     sums = {"values": (19, 1), "values+slopes": (13, 2), "+curvature": (11, 3)}
     design_rows = [
         {
@@ -183,11 +206,21 @@ def main() -> None:
         }
         for d, w in designs.items()
     ]
-    print(table(design_rows, ["design", "points", "model bytes", "sums a class", "worst T* error", "worst NLL error"]))
+    print(
+        table(
+            design_rows,
+            ["design", "points", "model bytes", "sums a class", "worst T* error", "worst NLL error"],
+        )
+    )
     write_json(
         "temperature",
-        {"samples": args.samples, "classes": C, "engine": rows, "designs": design_rows,
-         "worst": {"t_star_relative": worst_t, "calibrated_nll": worst_nll}},
+        {
+            "samples": args.samples,
+            "classes": C,
+            "engine": rows,
+            "designs": design_rows,
+            "worst": {"t_star_relative": worst_t, "calibrated_nll": worst_nll},
+        },
     )
 
 

@@ -78,7 +78,9 @@ class Curve:
         self.order = np.lexsort((mid, margin))
         self.margin = margin[self.order]
         self.value = np.ascontiguousarray(records.log_rest[self.order].T, dtype=np.float64)
-        self.slope = np.ascontiguousarray(records.rest_slope[self.order].T, dtype=np.float64) / self.grid[:, None]
+        self.slope = (
+            np.ascontiguousarray(records.rest_slope[self.order].T, dtype=np.float64) / self.grid[:, None]
+        )
         self.curvature = np.ascontiguousarray(records.rest_curvature[self.order].T, dtype=np.float64) / (
             self.grid[:, None] ** 2
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -66,7 +67,12 @@ def _chain(ks: list[int], step: float) -> Plan:
         pair = next(((a, k - a) for a in sorted(have) if k - a in have), None)
         if pair is None:  # two products through an intermediate power, else an exponential of its own
             triple = next(
-                ((a, b) for a in sorted(have) for b in sorted(have) if k - a - b in have and a + b not in have),
+                (
+                    (a, b)
+                    for a in sorted(have)
+                    for b in sorted(have)
+                    if k - a - b in have and a + b not in have
+                ),
                 None,
             )
             if triple is not None:
@@ -126,8 +132,8 @@ class RestMoments:
     """The model's columns for one grid: the native kernel on CPU float32 blocks once it has built
     and agreed with ``torch_sums`` on a probe, else PyTorch (``native=False`` forces PyTorch)."""
 
-    _checked: dict[Plan, bool] = {}
-    _lock = threading.Lock()
+    _checked: ClassVar[dict[Plan, bool]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, grid: tuple[float, ...], num_classes: int, native_kernel: bool = True) -> None:
         self.grid = tuple(float(b) for b in grid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -88,7 +89,9 @@ def _machine() -> str:
 
 def library(ops: list[tuple[int, int, float]], outs: list[int]) -> ctypes.CDLL | None:
     """The kernel for this plan: loaded from the cache, else built; None (logged) where it cannot be."""
-    source = plan_source(ops, outs) + resources.files("evalstream.service.engine").joinpath(SOURCE).read_text()
+    source = (
+        plan_source(ops, outs) + resources.files("evalstream.service.engine").joinpath(SOURCE).read_text()
+    )
     cc = c_compiler()
     key = hashlib.sha256(f"{source}\0{cc}\0{FLAG_SETS}\0{_machine()}".encode()).hexdigest()[:24]
     with _lock:
@@ -115,7 +118,9 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
             out = Path(tmp) / "kernel.so"
             errors = []
             for flags in FLAG_SETS:
-                run = subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+                run = subprocess.run(
+                    [cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True
+                )
                 if run.returncode == 0:
                     os.replace(out, target)
                     break
@@ -130,9 +135,7 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     return lib
 
 
-def run(
-    lib: ctypes.CDLL, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sums [n, G, 3], row max [n], max of the rest [n], first argmax [n] int32) of a contiguous
     float32 CPU block; rows are split across torch's intra-op thread count (ctypes releases the GIL)."""
     n, c = z.shape
@@ -158,7 +161,9 @@ def run(
         part(0, n)
     else:
         bounds = np.linspace(0, n, threads + 1).astype(int)
-        futures = [_executor().submit(part, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        futures = [
+            _executor().submit(part, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)
+        ]
         for f in futures:
             f.result()
     return sums, m, m2, first

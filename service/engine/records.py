@@ -193,8 +193,7 @@ class Records:
         g = len(inverse_temperatures)
         return cls(
             **{
-                name: np.empty((0, g) if name in MODEL_FIELDS else 0, dtype=dt)
-                for name, dt in FIELDS.items()
+                name: np.empty((0, g) if name in MODEL_FIELDS else 0, dtype=dt) for name, dt in FIELDS.items()
             },
             inverse_temperatures=np.asarray(inverse_temperatures, dtype=np.float64),
         )
@@ -208,11 +207,15 @@ class Records:
                 raise ValueError("concat of no records needs the temperature grid")
             return cls.empty(inverse_temperatures)
         grid = parts[0].inverse_temperatures
-        if any(p.legacy for p in parts) or any(not np.array_equal(p.inverse_temperatures, grid) for p in parts):
+        if any(p.legacy for p in parts) or any(
+            not np.array_equal(p.inverse_temperatures, grid) for p in parts
+        ):
             # An evaluation begun before version 3, or across a change of the grid (an upgrade, a new
             # setting): every part as the NLL at one grid, the first (a legacy part's if there are
             # any: those have nothing else) at which every part can be evaluated.
-            candidates = [p.inverse_temperatures for p in parts if p.legacy] or [p.inverse_temperatures for p in parts]
+            candidates = [p.inverse_temperatures for p in parts if p.legacy] or [
+                p.inverse_temperatures for p in parts
+            ]
             grid = next((g for g in candidates if all(p.evaluable_at(g) for p in parts)), candidates[0])
             parts = [p.as_legacy(grid) for p in parts]
             legacy: npt.NDArray[np.float32] | None = np.concatenate([p.nll_t for p in parts]).astype(

@@ -55,7 +55,11 @@ def temperature_model(z: np.ndarray, inverse_temperatures: np.ndarray) -> dict[s
     n, c = z.shape
     g = len(inverse_temperatures)
     if c < 2:
-        return {"log_rest": np.full((n, g), ABSENT), "rest_slope": np.zeros((n, g)), "rest_curvature": np.zeros((n, g))}
+        return {
+            "log_rest": np.full((n, g), ABSENT),
+            "rest_slope": np.zeros((n, g)),
+            "rest_curvature": np.zeros((n, g)),
+        }
     d = z - z.max(axis=1, keepdims=True)
     first = z.argmax(axis=1)
     rest = d.copy()

@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,9 @@ def _check_exact(reducer: ChunkReducer, scores: torch.Tensor, labels: np.ndarray
 
 @pytest.mark.parametrize("t_star", T_STARS)
 @pytest.mark.parametrize("kind", ["synthetic", "gaussian", "heavy", "uniform"])
-def test_t_star_and_calibrated_nll_are_exact(reducers: dict[str, ChunkReducer], t_star: float, kind: str) -> None:
+def test_t_star_and_calibrated_nll_are_exact(
+    reducers: dict[str, ChunkReducer], t_star: float, kind: str
+) -> None:
     logits, labels = _logits(t_star, seed=int(t_star * 100), kind=kind)
     _check_exact(reducers["compiled"], torch.from_numpy(logits), labels)
 
@@ -160,10 +163,12 @@ def test_the_default_grid_is_one_exponential_and_products() -> None:
     assert sum(a < 0 for a, _, _ in plan(odd).ops) >= 2
     z = _hard_rows(500, seed=1)
     exp = ref.temperature_model(z.double().numpy(), np.asarray(odd))
-    np.testing.assert_allclose(RestMoments(odd, 500)(z)[:, :4].double().numpy(), exp["log_rest"], rtol=3e-5, atol=3e-5)
+    np.testing.assert_allclose(
+        RestMoments(odd, 500)(z)[:, :4].double().numpy(), exp["log_rest"], rtol=3e-5, atol=3e-5
+    )
 
 
-def test_without_a_c_compiler_the_engine_uses_pytorch(tmp_path: object) -> None:
+def test_without_a_c_compiler_the_engine_uses_pytorch(tmp_path: Path) -> None:
     """No compiler on PATH: the same records, computed by PyTorch (logged, not failed)."""
     code = (
         "import numpy as np, torch\n"
@@ -250,7 +255,9 @@ def test_an_evaluation_across_a_change_of_the_grid_merges_on_the_grid_of_its_leg
     """Ranks streamed before an upgrade (version-2 records on the old default grid) and after it
     (the model on the new grid) finalize together: the new part is evaluated at the old grid's
     points, and the scan is the legacy parabola there."""
-    old = EngineConfig(device="cpu", inverse_temperatures=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0))
+    old = EngineConfig(
+        device="cpu", inverse_temperatures=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+    )
     new = EngineConfig(device="cpu")
     logits, labels = _logits(0.7, seed=12)
     before = Records.from_bytes(_legacy_blob(ChunkReducer(C, old).reduce(logits[:250], labels[:250]), 2))
