@@ -161,9 +161,7 @@ def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
         part(0, n)
     else:
         bounds = np.linspace(0, n, threads + 1).astype(int)
-        futures = [
-            _executor().submit(part, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)
-        ]
+        futures = [_executor().submit(part, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
         for f in futures:
             f.result()
     return sums, m, m2, first
