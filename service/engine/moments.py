@@ -148,11 +148,12 @@ class RestMoments:
         return self.lib is not None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """[n, 3G] columns of float32 scores [n, C]."""
-        if self.lib is not None and z.device.type == "cpu" and z.dtype == torch.float32:
-            sums, m, m2, _ = native.run(self.lib, z.contiguous())
+        """[n, 3G] columns of scores [n, C] (computed in float32 from any float dtype)."""
+        if self.lib is not None and z.device.type == "cpu":
+            z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
+            sums, m, m2, _ = native.run(self.lib, z)
         else:
-            sums, m, m2 = torch_sums(z, self.grid)
+            sums, m, m2 = torch_sums(z.float(), self.grid)
         return columns(sums, m, m2, self.grid, self.num_classes)
 
     def _self_check(self) -> bool:
@@ -169,11 +170,13 @@ class RestMoments:
             probe[0] = 0.0  # a constant row: ties at the maximum
             got, m, m2, first = native.run(self.lib, probe)
             want, wm, wm2 = torch_sums(probe, self.grid)
+            half = probe.bfloat16()
             ok = (
                 torch.equal(m, wm)
                 and torch.equal(m2, wm2)
                 and torch.equal(first.long(), probe.argmax(dim=1))
                 and torch.allclose(got, want, rtol=PROBE_TOLERANCE, atol=1e-6)
+                and torch.equal(native.run(self.lib, half)[0], native.run(self.lib, half.float())[0])
             )
             if not ok:
                 log.error("the native temperature kernel disagrees with PyTorch at C=%d; using PyTorch", c)

@@ -32,6 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = "rest_moments.c"
+# Score dtypes the kernel reads as they are (others are upcast to float32 first).
+DTYPES = (torch.float32, torch.bfloat16)
 # Tried in order: the machine's full vector width, then the compiler's defaults.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"),
@@ -129,16 +131,20 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
                 log.warning("building %s failed; its sums run in PyTorch:\n%s", SOURCE, "\n".join(errors))
                 return None
     lib = ctypes.CDLL(str(target))
-    lib.rest_moments.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
-    lib.rest_moments.restype = None
+    for fn in (lib.rest_moments, lib.rest_moments_bf16):
+        fn.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
+        fn.restype = None
     lib.rest_moments_nout.restype = ctypes.c_int
     return lib
 
 
 def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sums [n, G, 3], row max [n], max of the rest [n], first argmax [n] int32) of a contiguous
-    float32 CPU block; rows are split across torch's intra-op thread count (ctypes releases the GIL)."""
+    float32 or bfloat16 CPU block (bfloat16 is widened inside the loop, never copied); rows are split
+    across torch's intra-op thread count (ctypes releases the GIL)."""
     n, c = z.shape
+    fn = lib.rest_moments_bf16 if z.dtype == torch.bfloat16 else lib.rest_moments
+    size = z.element_size()
     g = int(lib.rest_moments_nout())
     sums = torch.empty((n, g, 3), dtype=torch.float32)
     m = torch.empty(n, dtype=torch.float32)
@@ -146,8 +152,8 @@ def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     first = torch.empty(n, dtype=torch.int32)
 
     def part(lo: int, hi: int) -> None:
-        lib.rest_moments(
-            z.data_ptr() + lo * c * 4,
+        fn(
+            z.data_ptr() + lo * c * size,
             hi - lo,
             c,
             sums.data_ptr() + lo * g * 3 * 4,

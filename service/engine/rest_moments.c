@@ -60,12 +60,30 @@ static inline vf vexp(vf x) {
     return (vf)((vi)out & ~under);
 }
 
-static inline vf load(const float *row, int64_t j, int64_t c, float fill) {
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+/* Scores are float32 or bfloat16 (the upper half of a float32: widened by a shift, read at half
+ * width); ``half`` is a constant at each call, so each exported function has one loader. */
+static inline float scalar(const void *row, int64_t j, int half) {
+    if (!half) return ((const float *)row)[j];
+    uint32_t bits = (uint32_t)((const uint16_t *)row)[j] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) vf load(const void *row, int64_t j, int64_t c, float fill, int half) {
     vf v = splat(fill);
     if (j + W <= c) {
-        memcpy(&v, row + j, sizeof v);
+        if (half) {
+            vh h;
+            memcpy(&h, (const uint16_t *)row + j, sizeof h);
+            v = (vf)(__builtin_convertvector(h, vi) << 16);
+        } else {
+            memcpy(&v, (const float *)row + j, sizeof v);
+        }
     } else {
-        for (int64_t l = 0; j + l < c; l++) v[l] = row[j + l];
+        for (int64_t l = 0; j + l < c; l++) v[l] = scalar(row, j + l, half);
     }
     return v;
 }
@@ -96,20 +114,20 @@ static const int OUT_OPS[NOUT] = {OUTS};
 
 int rest_moments_nout(void) { return NOUT; }
 
-void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
-                  int32_t *argmax) {
+static inline __attribute__((always_inline)) void kernel(const void *z, int64_t n, int64_t c, float *sums,
+                                                        float *row_max, float *rest_max, int32_t *argmax, int half) {
 #if defined(__SSE__)
     unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero */
 #endif
     for (int64_t i = 0; i < n; i++) {
-        const float *row = z + i * c;
+        const void *row = (const char *)z + i * c * (half ? 2 : 4);
         /* One pass for the maximum, its first index and the largest other score: per lane the top
          * two and the first index of the top (a tie at the top makes it the second too). */
         vf top = splat(-INFINITY), second = splat(-INFINITY);
         vi at = splat_i(0);
         for (int64_t j = 0; j < c; j += W) {
-            vf v = load(row, j, c, -INFINITY);
+            vf v = load(row, j, c, -INFINITY, half);
             vi above = v > top;
             second = blend(above, top, blend(v > second, v, second));
             at = (vi)blend(above, (vf)(LANES + (int32_t)j), (vf)at);
@@ -136,7 +154,7 @@ void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_
         vf s0[NOUT], s1[NOUT], s2[NOUT], v[NOPS];
         for (int k = 0; k < NOUT; k++) s0[k] = s1[k] = s2[k] = splat(0.0f);
         for (int64_t j = 0; j < c; j += W) {
-            vf x = load(row, j, c, m2) - m2;
+            vf x = load(row, j, c, m2, half) - m2;
             /* outside the row and at the row's first maximum: x = 0 (finite) and every power 0 */
             vi keep = (LANES + (int32_t)j != (int32_t)a) & (LANES + (int32_t)j < (int32_t)c);
             x = blend(keep, x, splat(0.0f));
@@ -165,4 +183,16 @@ void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_
 #if defined(__SSE__)
     _mm_setcsr(csr);
 #endif
+}
+
+/* float32 scores [n, c], row-major. */
+void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
+                  int32_t *argmax) {
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 0);
+}
+
+/* bfloat16 scores [n, c], row-major (as uint16 bit patterns). */
+void rest_moments_bf16(const uint16_t *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
+                       int32_t *argmax) {
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 1);
 }
