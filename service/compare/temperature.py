@@ -2,8 +2,9 @@
 
 CompareModels recommends by calibrated NLL only when the lead is significant,
 so it needs the calibrated loss sample by sample: each sample's NLL at the
-model's T*. It is the engine's own temperature model (curve.py: the top-4 gaps
-kept exactly, the residual log-sum interpolated between grid points) evaluated
+model's T*. It is the engine's own temperature model (curve.py: each sample's
+log-sum over the other classes, with its first two derivatives, at the grid
+points, a quintic Hermite piece between them) evaluated
 at T*, so the mean of the per-sample values is the engine's calibrated NLL (the
 same float64 function the engine minimised), and a paired difference of these
 means is a difference of calibrated NLLs. Where T* lies beyond the grid the
