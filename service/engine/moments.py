@@ -42,23 +42,29 @@ PROBE_TOLERANCE = 1e-4
 @dataclass(frozen=True)
 class Plan:
     """ops[i] = (a, b, scale): exp(scale x) when a < 0, else ops[a] * ops[b]; outs[j]: the op of grid
-    point j."""
+    point j; one_out: the grid index of b = 1 and two_op: the op of b = 2 (the row pass's normaliser
+    and Brier sum), -1 where there is none."""
 
     ops: tuple[tuple[int, int, float], ...]
     outs: tuple[int, ...]
+    one_out: int = -1
+    two_op: int = -1
 
 
 def plan(grid: tuple[float, ...]) -> Plan:
-    """Each grid point as a product of two earlier powers of exp(s x) where the grid is made of
-    multiples of a step s, else as its own exponential."""
+    """Each grid point (and b = 2) as a product of two earlier powers of exp(s x) where the grid is made
+    of multiples of a step s, else as its own exponential."""
+    one = grid.index(1.0) if 1.0 in grid else -1
     for step in STEPS:
         ks = [b / step for b in grid]
         if all(abs(k - round(k)) <= 1e-9 * k and 1 <= round(k) <= MAX_MULTIPLE for k in ks):
-            return _chain([round(k) for k in ks], step)
-    return Plan(tuple((-1, -1, b) for b in grid), tuple(range(len(grid))))
+            ops, have = _chain([round(k) for k in ks] + [round(2.0 / step)], step)
+            return Plan(ops, tuple(have[round(k)] for k in ks), one, have[round(2.0 / step)])
+    exps = tuple((-1, -1, b) for b in grid)
+    return Plan((*exps, (-1, -1, 2.0)), tuple(range(len(grid))), one, len(grid))
 
 
-def _chain(ks: list[int], step: float) -> Plan:
+def _chain(ks: list[int], step: float) -> tuple[tuple[tuple[int, int, float], ...], dict[int, int]]:
     ops: list[tuple[int, int, float]] = [(-1, -1, step)]
     have = {1: 0}
     for k in sorted(set(ks)):
@@ -85,7 +91,7 @@ def _chain(ks: list[int], step: float) -> Plan:
         else:
             ops.append((have[pair[0]], have[pair[1]], 0.0))
         have[k] = len(ops) - 1
-    return Plan(tuple(ops), tuple(have[k] for k in ks))
+    return tuple(ops), have
 
 
 def torch_sums(z: torch.Tensor, grid: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,13 +145,27 @@ class RestMoments:
         self.grid = tuple(float(b) for b in grid)
         self.num_classes = num_classes
         self.plan = plan(self.grid)
-        self.lib = native.library(list(self.plan.ops), list(self.plan.outs)) if native_kernel else None
+        self.lib = native.library(self.plan) if native_kernel else None
         if self.lib is not None and not self._self_check():
             self.lib = None
 
     @property
     def is_native(self) -> bool:
         return self.lib is not None
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether the native kernel also does the whole row pass (the grid holds b = 1)."""
+        return self.lib is not None and self.plan.one_out >= 0
+
+    def rows(self, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole row pass of a CPU block on the native kernel (``has_rows``): (floats [n, 4 + 3G]:
+        nll, confidence, brier, entropy and the model's columns; ints [n, 3]: pred, rank, ties; lse [n])."""
+        assert self.lib is not None
+        z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
+        sums, m, m2, stats, ints, lse = native.run_rows(self.lib, z, labels.to(torch.int64).contiguous())
+        model = columns(sums, m, m2, self.grid, self.num_classes)
+        return torch.cat([stats, model], dim=1), ints, lse
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """[n, 3G] columns of scores [n, C] (computed in float32 from any float dtype)."""

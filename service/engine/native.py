@@ -24,10 +24,15 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from evalstream.service.engine.moments import Plan
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +72,16 @@ def cache_dir() -> Path:
     return Path(base) / "evalstream" / "native"
 
 
-def plan_source(ops: list[tuple[int, int, float]], outs: list[int]) -> str:
-    """The #defines that compile ``ops`` into the kernel (see rest_moments.c): op i is
+def plan_source(plan: Plan) -> str:
+    """The #defines that compile ``plan`` into the kernel (see rest_moments.c): op i is
     exp(scale x) when a < 0, else the product of ops a and b."""
     stmts = []
-    for i, (a, b, scale) in enumerate(ops):
+    for i, (a, b, scale) in enumerate(plan.ops):
         stmts.append(f"v[{i}] = EXP({float(scale)!r}f);" if a < 0 else f"v[{i}] = v[{a}] * v[{b}];")
     return (
-        f"#define NOPS {len(ops)}\n#define NOUT {len(outs)}\n"
-        f"#define PLAN {' '.join(stmts)}\n#define OUTS {', '.join(map(str, outs))}\n"
+        f"#define NOPS {len(plan.ops)}\n#define NOUT {len(plan.outs)}\n"
+        f"#define PLAN {' '.join(stmts)}\n#define OUTS {', '.join(map(str, plan.outs))}\n"
+        f"#define ONE_OUT {plan.one_out}\n#define TWO_OP {plan.two_op}\n"
     )
 
 
@@ -89,11 +95,9 @@ def _machine() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def library(ops: list[tuple[int, int, float]], outs: list[int]) -> ctypes.CDLL | None:
+def library(plan: Plan) -> ctypes.CDLL | None:
     """The kernel for this plan: loaded from the cache, else built; None (logged) where it cannot be."""
-    source = (
-        plan_source(ops, outs) + resources.files("evalstream.service.engine").joinpath(SOURCE).read_text()
-    )
+    source = plan_source(plan) + resources.files("evalstream.service.engine").joinpath(SOURCE).read_text()
     cc = c_compiler()
     key = hashlib.sha256(f"{source}\0{cc}\0{FLAG_SETS}\0{_machine()}".encode()).hexdigest()[:24]
     with _lock:
@@ -134,6 +138,9 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     for fn in (lib.rest_moments, lib.rest_moments_bf16):
         fn.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
         fn.restype = None
+    for fn in (lib.row_pass, lib.row_pass_bf16):
+        fn.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P]
+        fn.restype = None
     lib.rest_moments_nout.restype = ctypes.c_int
     return lib
 
@@ -162,15 +169,57 @@ def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
             first.data_ptr() + lo * 4,
         )
 
+    _split(part, n, c)
+    return sums, m, m2, first
+
+
+def run_rows(
+    lib: ctypes.CDLL, z: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole row pass of a contiguous float32 or bfloat16 CPU block with int64 labels: (sums
+    [n, G, 3], row max, max of the rest, stats [n, 4]: nll, confidence, brier, entropy, ints [n, 3]:
+    pred, rank, ties, lse [n]); rows split across threads as in ``run``."""
+    n, c = z.shape
+    fn = lib.row_pass_bf16 if z.dtype == torch.bfloat16 else lib.row_pass
+    size = z.element_size()
+    g = int(lib.rest_moments_nout())
+    sums = torch.empty((n, g, 3), dtype=torch.float32)
+    m = torch.empty(n, dtype=torch.float32)
+    m2 = torch.empty(n, dtype=torch.float32)
+    first = torch.empty(n, dtype=torch.int32)
+    stats = torch.empty((n, 4), dtype=torch.float32)
+    ints = torch.empty((n, 3), dtype=torch.int32)
+    lse = torch.empty(n, dtype=torch.float32)
+
+    def part(lo: int, hi: int) -> None:
+        fn(
+            z.data_ptr() + lo * c * size,
+            labels.data_ptr() + lo * 8,
+            hi - lo,
+            c,
+            sums.data_ptr() + lo * g * 3 * 4,
+            m.data_ptr() + lo * 4,
+            m2.data_ptr() + lo * 4,
+            first.data_ptr() + lo * 4,
+            stats.data_ptr() + lo * 4 * 4,
+            ints.data_ptr() + lo * 3 * 4,
+            lse.data_ptr() + lo * 4,
+        )
+
+    _split(part, n, c)
+    return sums, m, m2, stats, ints, lse
+
+
+def _split(part: Callable[[int, int], None], n: int, c: int) -> None:
+    """``part`` over row ranges, one a thread of torch's intra-op count (ctypes releases the GIL)."""
     threads = min(torch.get_num_threads(), n)
     if threads <= 1 or n * c < SPLIT_SCORES:
         part(0, n)
-    else:
-        bounds = np.linspace(0, n, threads + 1).astype(int)
-        futures = [_executor().submit(part, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
-        for f in futures:
-            f.result()
-    return sums, m, m2, first
+        return
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    futures = [_executor().submit(part, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+    for f in futures:
+        f.result()
 
 
 def _executor() -> ThreadPoolExecutor:

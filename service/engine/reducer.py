@@ -159,9 +159,15 @@ class ChunkReducer:
     # -- public --------------------------------------------------------------------------------
 
     def active_backend(self, dtype: torch.dtype = torch.float32) -> str:
-        """The backend that reduces scores of ``dtype``: "compiled" once its kernel compiled, else
-        "eager" (compiles on first use, as ``reduce`` would)."""
-        return "eager" if self._kernel(dtype) is None else "compiled"
+        """The backend that reduces scores of ``dtype``: "compiled" once its kernel compiled (or the
+        native row pass serves it), else "eager" (compiles on first use, as ``reduce`` would)."""
+        return "compiled" if self._native_rows() or self._kernel(dtype) is not None else "eager"
+
+    def _native_rows(self) -> bool:
+        """The compiled backend on the CPU runs the native row pass (rest_moments.c): one loop a row for
+        every column, the temperature model's included, where inductor's kernel would leave those
+        to a second loop. TorchInductor compiles the CPU pass only where that kernel cannot be built."""
+        return self.backend == "compiled" and self.device.type == "cpu" and self.moments.has_rows
 
     def reduce(
         self, scores: object, labels: object, sample_ids: object = None, to_host: HostCopy | None = None
@@ -177,9 +183,12 @@ class ChunkReducer:
         g = len(grid)
         if n == 0:
             return Records.empty(grid)
-        kernel = self._kernel(chunk.scores.dtype)
+        native_rows = self._native_rows()
+        kernel = None if native_rows else self._kernel(chunk.scores.dtype)
         with torch.no_grad():
-            if kernel is None:
+            if native_rows:
+                floats, ints, lse = self.moments.rows(chunk.scores, chunk.labels)
+            elif kernel is None:
                 floats, ints, lse = self._reduce_eager(chunk.scores, chunk.labels)
             else:
                 floats, ints, lse = self._reduce_compiled(kernel, chunk.scores, chunk.labels)

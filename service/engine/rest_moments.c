@@ -100,22 +100,44 @@ static float hmax(vf v) {
  *   OUTS                  the comma-separated op index of each output grid point
  * so the compiler unrolls the ops and keeps the sums in registers (a runtime plan costs ~2x). */
 #ifndef NOPS
-#define NOPS 11
+#define NOPS 12
 #define NOUT 11
 #define PLAN                                                                                              \
     v[0] = EXP(0.05f); v[1] = v[0] * v[0]; v[2] = v[1] * v[0]; v[3] = v[2] * v[1]; v[4] = v[3] * v[3];      \
     v[5] = v[4] * v[4]; v[6] = v[5] * v[4]; v[7] = v[6] * v[5]; v[8] = v[7] * v[7]; v[9] = v[8] * v[8];       \
-    v[10] = v[9] * v[9];
+    v[10] = v[9] * v[9]; v[11] = v[5] * v[5];
 #define OUTS 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+#define ONE_OUT 5
+#define TWO_OP 11
 #endif
+/* ONE_OUT: the output index of b = 1 and TWO_OP: the op of b = 2 (-1 where the plan has none: then
+ * the row pass is not available, only the sums). */
 #define EXP(scale) ((vf)((vi)vexp(x * (scale)) & keep))
 
 static const int OUT_OPS[NOUT] = {OUTS};
 
 int rest_moments_nout(void) { return NOUT; }
 
+int rest_moments_has_rows(void) { return ONE_OUT >= 0 && TWO_OP >= 0; }
+
+static inline int32_t hsum_i(vi v) {
+    int32_t t = 0;
+    for (int l = 0; l < W; l++) t += v[l];
+    return t;
+}
+
+static inline float hsum(vf v) {
+    float t = 0.0f;
+    for (int l = 0; l < W; l++) t += v[l];
+    return t;
+}
+
+/* ``labels`` not NULL: the whole row pass too (stats [n, 4]: nll, confidence, brier, entropy; ints [n, 3]:
+ * pred, rank, ties; lse [n]), from the sums at b = 1 and b = 2 and two counts a class. */
 static inline __attribute__((always_inline)) void kernel(const void *z, int64_t n, int64_t c, float *sums,
-                                                        float *row_max, float *rest_max, int32_t *argmax, int half) {
+                                                        float *row_max, float *rest_max, int32_t *argmax, int half,
+                                                        const int64_t *labels, float *stats, int32_t *ints,
+                                                        float *lse) {
 #if defined(__SSE__)
     unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* flush-to-zero and denormals-are-zero */
@@ -147,16 +169,18 @@ static inline __attribute__((always_inline)) void kernel(const void *z, int64_t 
         rest_max[i] = m2;
         argmax[i] = (int32_t)a;
         float *out = sums + i * 3 * (int64_t)NOUT;
-        if (c < 2) {
-            for (int k = 0; k < 3 * NOUT; k++) out[k] = 0.0f;
-            continue;
-        }
+        const int full = labels != NULL;
+        const float zy = full ? scalar(row, labels[i], half) : 0.0f;
         vf s0[NOUT], s1[NOUT], s2[NOUT], v[NOPS];
+        vf two = splat(0.0f), probe = splat(0.0f); /* probe: NaN once a score is NaN or infinite */
+        vi above = splat_i(0), equal = splat_i(0);
         for (int k = 0; k < NOUT; k++) s0[k] = s1[k] = s2[k] = splat(0.0f);
-        for (int64_t j = 0; j < c; j += W) {
-            vf x = load(row, j, c, m2, half) - m2;
+        for (int64_t j = 0; c >= 2 && j < c; j += W) {
+            vf zv = load(row, j, c, m2, half);
+            vf x = zv - m2;
+            vi inside = LANES + (int32_t)j < (int32_t)c;
             /* outside the row and at the row's first maximum: x = 0 (finite) and every power 0 */
-            vi keep = (LANES + (int32_t)j != (int32_t)a) & (LANES + (int32_t)j < (int32_t)c);
+            vi keep = (LANES + (int32_t)j != (int32_t)a) & inside;
             x = blend(keep, x, splat(0.0f));
             x = blend(x < splat(-1e15f), splat(-1e15f), x); /* x^2 stays finite; its power is 0 */
             vf xx = x * x;
@@ -167,18 +191,44 @@ static inline __attribute__((always_inline)) void kernel(const void *z, int64_t 
                 s1[k] += x * p;
                 s2[k] += xx * p;
             }
+#if TWO_OP >= 0
+            if (full) {
+                two += v[TWO_OP];
+                probe += zv * 0.0f;
+                above -= (zv > zy) & inside;
+                equal -= (zv == zy) & inside;
+            }
+#endif
         }
         for (int k = 0; k < NOUT; k++) {
-            float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f;
-            for (int l = 0; l < W; l++) {
-                t0 += s0[k][l];
-                t1 += s1[k][l];
-                t2 += s2[k][l];
-            }
-            out[3 * k] = t0;
-            out[3 * k + 1] = t1;
-            out[3 * k + 2] = t2;
+            out[3 * k] = hsum(s0[k]);
+            out[3 * k + 1] = hsum(s1[k]);
+            out[3 * k + 2] = hsum(s2[k]);
         }
+#if ONE_OUT >= 0 && TWO_OP >= 0
+        if (full) {
+            /* S = sum_c exp(z_c - m) = 1 + r E1 with r = exp(m2 - m) and E_b the rest's sums at b. */
+            float r = c >= 2 ? expf(m2 - m) : 0.0f;
+            float e1 = out[3 * ONE_OUT], e1x = out[3 * ONE_OUT + 1], e2 = hsum(two);
+            float total = 1.0f + r * e1;
+            float log_s = logf(total);
+            float p_y = expf(zy - m) / total;
+            float sum_p2 = (1.0f + r * r * e2) / (total * total);
+            stats[4 * i] = (m - zy) + log_s;
+            stats[4 * i + 1] = 1.0f / total;
+            stats[4 * i + 2] = sum_p2 - 2.0f * p_y + 1.0f;
+            /* sum_c p_c (z_c - m): z_c - m = x_c + (m2 - m) on the rest, 0 at the maximum */
+            stats[4 * i + 3] = c >= 2 ? log_s - r * (e1x + (m2 - m) * e1) / total : 0.0f;
+            /* a non-finite score makes the NLL and entropy non-finite, so the chunk is refused */
+            float nonfinite = hsum(probe) + zy * 0.0f + m * 0.0f;
+            stats[4 * i] += nonfinite;
+            stats[4 * i + 3] += nonfinite;
+            ints[3 * i] = (int32_t)a;
+            ints[3 * i + 1] = c >= 2 ? hsum_i(above) : 0;
+            ints[3 * i + 2] = c >= 2 ? hsum_i(equal) - 1 : 0;
+            lse[i] = m + log_s;
+        }
+#endif
     }
 #if defined(__SSE__)
     _mm_setcsr(csr);
@@ -188,11 +238,22 @@ static inline __attribute__((always_inline)) void kernel(const void *z, int64_t 
 /* float32 scores [n, c], row-major. */
 void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
                   int32_t *argmax) {
-    kernel(z, n, c, sums, row_max, rest_max, argmax, 0);
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 0, NULL, NULL, NULL, NULL);
 }
 
 /* bfloat16 scores [n, c], row-major (as uint16 bit patterns). */
 void rest_moments_bf16(const uint16_t *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
                        int32_t *argmax) {
-    kernel(z, n, c, sums, row_max, rest_max, argmax, 1);
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 1, NULL, NULL, NULL, NULL);
+}
+
+/* The whole row pass: the sums and every per-row value of a record (labels in [0, c), checked before). */
+void row_pass(const float *z, const int64_t *labels, int64_t n, int64_t c, float *sums, float *row_max,
+              float *rest_max, int32_t *argmax, float *stats, int32_t *ints, float *lse) {
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 0, labels, stats, ints, lse);
+}
+
+void row_pass_bf16(const uint16_t *z, const int64_t *labels, int64_t n, int64_t c, float *sums, float *row_max,
+                   float *rest_max, int32_t *argmax, float *stats, int32_t *ints, float *lse) {
+    kernel(z, n, c, sums, row_max, rest_max, argmax, 1, labels, stats, ints, lse);
 }

@@ -159,7 +159,9 @@ def test_native_kernel_matches_pytorch_and_float64(c: int) -> None:
 
 def test_the_default_grid_is_one_exponential_and_products() -> None:
     p = plan(DEFAULT_INVERSE_TEMPERATURES)
-    assert sum(a < 0 for a, _, _ in p.ops) == 1 and len(p.ops) == len(DEFAULT_INVERSE_TEMPERATURES)
+    # One exponential and one product per further power: the grid's and b = 2 (the Brier sum).
+    assert sum(a < 0 for a, _, _ in p.ops) == 1 and len(p.ops) == len(DEFAULT_INVERSE_TEMPERATURES) + 1
+    assert p.one_out == DEFAULT_INVERSE_TEMPERATURES.index(1.0) and p.two_op >= 0
     # A grid that is not made of multiples takes an exponential per point and still matches float64.
     odd = (0.3, 1.0, 1.7, 2.9)
     assert sum(a < 0 for a, _, _ in plan(odd).ops) >= 2

@@ -16,6 +16,7 @@ import torch
 
 from evalstream.service.engine import ChunkError, EngineConfig, Records
 from evalstream.service.engine.fused import KernelKey, _powers, kernel_for, make_row_pass
+from evalstream.service.engine.moments import RestMoments
 from evalstream.service.engine.powers import ladder
 from evalstream.service.engine.records import FIELDS
 from evalstream.service.engine.reducer import ChunkReducer, resolve_backend
@@ -119,6 +120,26 @@ def compiled() -> ChunkReducer:
 @pytest.fixture(scope="module")
 def data() -> Data:
     return make_data(C, 1500, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_pass_where_the_native_kernel_is_unavailable(
+    compiled: ChunkReducer, data: Data, dtype: torch.dtype
+) -> None:
+    """On the CPU the compiled backend runs the native row pass (rest_moments.c); where that cannot be
+    built TorchInductor's kernel runs instead, with the model's sums from PyTorch: the same records."""
+    assert compiled.moments.has_rows
+    fallback = ChunkReducer(C, COMPILED)
+    fallback.moments = RestMoments(COMPILED.inverse_temperatures, C, native_kernel=False)
+    assert fallback.active_backend(dtype) == "compiled" and not fallback._native_rows()
+    scores = torch.from_numpy(data.logits[:300]).to(dtype)
+    got = compiled.reduce(scores, data.labels[:300])
+    want = fallback.reduce(scores, data.labels[:300])
+    for name in ("pred", "rank", "ties"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for name in FLOATS + MODEL:
+        tol = TOLERANCE.get(name, 2e-6)
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=tol, atol=tol, err_msg=name)
 
 
 def test_compiled_matches_eager_and_the_reference(compiled: ChunkReducer, data: Data) -> None:
