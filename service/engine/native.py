@@ -22,9 +22,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
