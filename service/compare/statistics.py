@@ -259,9 +259,9 @@ class CalibratedNll(Statistic):
         if records.legacy or len(records) == 0:
             return cls(records.nll_t, records.inverse_temperatures)
         grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
-        b_star = 1.0 / scan_records(records).best_temperature
-        local = np.unique(np.clip(b_star * np.exp(cls.LOCAL), grid[0], grid[-1]))
         model = Curve(records)
+        b_star = 1.0 / scan_records(records, model).best_temperature
+        local = np.unique(np.clip(b_star * np.exp(cls.LOCAL), grid[0], grid[-1]))
         columns = np.stack([model.sample(float(b)) for b in local], axis=1)
         return cls(columns, local)
 

@@ -36,13 +36,14 @@ def parabola_min(x: tuple[float, float, float], f: tuple[float, float, float]) -
     return xs, fs
 
 
-def scan_records(records: Records) -> TemperatureScan:
+def scan_records(records: Records, model: curve.Curve | None = None) -> TemperatureScan:
     """The scan of a set of records: the exact optimum of the temperature model, or, for legacy
-    records, the parabola through the grid minimum (``scan``)."""
+    records, the parabola through the grid minimum (``scan``). ``model``: the records' Curve where
+    the caller has built it already (it sorts and copies every column once)."""
     grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
     if records.legacy or len(records) == 0:
         return scan(records.nll_t, grid)
-    model = curve.Curve(records)
+    model = model if model is not None else curve.Curve(records)
     means = np.array([model.mean(float(b)) for b in grid])
     best = curve.optimum(model, means)
     return TemperatureScan(
