@@ -95,7 +95,8 @@ class Settings:
             'compiled engine: kernels to compile at start, as "classes:dtype" '
             "(e.g. 3000:float32,1000:bfloat16; dtype float32, float16 or bfloat16), so the first stream "
             "of that class count and score dtype finds its kernel ready; empty compiles only a "
-            "throwaway kernel (the compiler's own start-up)"
+            "throwaway kernel (the compiler's own start-up). On the CPU the native row pass is one "
+            "library for every class count and dtype, built by the first of them"
         ),
     )
     max_staging_bytes: int = field(
