@@ -55,9 +55,19 @@ def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> R
     confidence = np.clip(rng.beta(2 + 3 * sharpness, 2, size=n), 1e-3, 1.0).astype(np.float32)
     nll = np.where(correct, -np.log(confidence), sharpness * rng.exponential(2.0, size=n)).astype(np.float32)
     inv_t = np.asarray(CONFIG.inverse_temperatures)
-    # NLL(a) convex in a with its minimum near 1 / sharpness.
-    nll_t = (nll[:, None] * (0.6 + 0.4 * (inv_t[None, :] * sharpness - 1.0) ** 2 + 0.4)).astype(np.float32)
-    nll_t[:, list(inv_t).index(1.0)] = nll
+    # The temperature model's columns (docs/metrics.md) of a row whose other classes form 8 groups of
+    # (C - 1) / 8 classes at offsets below the maximum: L(b), b L'(b), b^2 L''(b), exactly.
+    offsets = -np.sort(rng.exponential(2.0 * sharpness, size=(n, 8)), axis=1)
+    cols: dict[str, list[np.ndarray]] = {"log_rest": [], "rest_slope": [], "rest_curvature": []}
+    for b in inv_t:
+        log_terms = np.log((C - 1) / 8) + b * offsets
+        lse = np.logaddexp.reduce(log_terms, axis=1)
+        w = np.exp(log_terms - lse[:, None])
+        mean = (w * offsets).sum(axis=1)
+        cols["log_rest"].append(lse)
+        cols["rest_slope"].append(b * mean)
+        cols["rest_curvature"].append(b * b * (w * (offsets - mean[:, None]) ** 2).sum(axis=1))
+    model = {k: np.stack(v, axis=1) for k, v in cols.items()}
     return Records(
         sample_id=rng.permutation(n).astype(np.int64),
         label=label,
@@ -68,7 +78,9 @@ def synthetic_records(n: int, accuracy: float, sharpness: float, seed: int) -> R
         confidence=confidence,
         brier=(1.0 - confidence) ** 2,
         entropy=nll * 0.8,
-        nll_t=nll_t,
+        log_rest=model["log_rest"].astype(np.float32),
+        rest_slope=model["rest_slope"].astype(np.float16),
+        rest_curvature=model["rest_curvature"].astype(np.float16),
         inverse_temperatures=inv_t,
     )
 

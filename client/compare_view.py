@@ -55,6 +55,13 @@ def _cell(value: float | None, fmt: str) -> str:
     return f"{100 * value:.1f}%" if fmt == "pct" else fmt.format(value)
 
 
+def _metric_cell(metrics: Mapping[str, float], name: str, fmt: str) -> str:
+    """One table cell; a T* beyond the temperature grid shows as its bound ("<0.05", ">20")."""
+    text = _cell(metrics.get(name), fmt)
+    side = metrics.get("temperature_beyond_grid", 0.0) if name == "best_temperature" else 0.0
+    return f"{'>' if side > 0 else '<'}{metrics[name]:g}" if side and text != "-" else text
+
+
 def _p_value(c: compare_pb2.CandidateResult) -> str:
     p = c.mcnemar_p_value
     if math.isnan(p):
@@ -89,7 +96,7 @@ def _table(resp: service_pb2.CompareModelsResponse, names: list[str]) -> list[st
     header += ["samples"] + (["gate"] if gated else [])
     rows = [header]
     for c, name in zip(resp.candidates, names, strict=True):
-        row = [str(c.rank), name, *[_cell(c.metrics.get(m), f) for m, _, f in columns]]
+        row = [str(c.rank), name, *[_metric_cell(c.metrics, m, f) for m, _, f in columns]]
         row += [_difference(c, c.rank), _p_value(c), f"{c.samples_used:,}" if c.samples_used else "-"]
         if gated:
             row.append(("pass" if c.gate.passed else "FAIL") if c.HasField("gate") else "-")
@@ -331,7 +338,8 @@ def comparison_figure(
         )
         temp.axvline(scan.best_temperature, color=colour, linestyle="--", linewidth=0.8)
         temp.annotate(
-            f"T*={scan.best_temperature:.2f}",
+            f"T*{'>' if scan.beyond_grid > 0 else '<' if scan.beyond_grid < 0 else '='}"
+            f"{scan.best_temperature:.2f}",
             (scan.best_temperature, scan.calibrated_nll),
             textcoords="offset points",
             xytext=(4, 8),

@@ -1,6 +1,6 @@
 """Client-side reduction: the server's own engine run where the scores are, records on the wire.
 
-With ``reduce="client"`` a shard sends per-sample records (78 bytes a sample with the
+With ``reduce="client"`` a shard sends per-sample records (126 bytes a sample with the
 default grid) instead of scores (12 KB at 3,000 float32 classes, 256 KB at 131,072 bfloat16). The
 records come from ``evalstream.service.engine.ChunkReducer`` itself, configured with what the
 server's open reply says shapes a record (temperature grid, rank cap, layout), so they are

@@ -187,8 +187,14 @@ def _imbalance(r: evaluation_pb2.EvaluationResult, max_confusions: int) -> str:
 
 def _temperature(r: evaluation_pb2.EvaluationResult) -> str:
     t = r.temperature
+    best = f"best T = {t.best_temperature:.3f}"
+    if t.beyond_grid:
+        # The NLL still falls at the grid's end: the optimum is beyond it, not at it.
+        best = (
+            f"T* {'>' if t.beyond_grid > 0 else '<'} {t.best_temperature:.4g} (beyond the grid); at the end"
+        )
     head = (
-        f"Temperature\n  best T = {t.best_temperature:.3f}: NLL {r.loss.mean:.4f} -> {t.calibrated_nll:.4f}"
+        f"Temperature\n  {best}: NLL {r.loss.mean:.4f} -> {t.calibrated_nll:.4f}"
         f" ({t.calibrated_nll - r.loss.mean:+.4f})"
     )
     if not t.temperatures:

@@ -78,6 +78,7 @@ def result_from_report(report: MetricReport) -> ev_pb2.EvaluationResult:
             nll=list(temp.nll),
             best_temperature=temp.best_temperature,
             calibrated_nll=temp.calibrated_nll,
+            beyond_grid=temp.beyond_grid,
         ),
         metrics=report.scalars(),
         label_tie_share=report.label_tie_share,

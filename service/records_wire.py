@@ -13,11 +13,12 @@ length, then every value a real engine could never produce: labels and predictio
 [0, C), a rank above C - 1 or inconsistent with the prediction (pred is the argmax: it differs
 from the label when rank > 0, equals it when rank == 0 and nothing ties the label, and is at most
 the label when the label ties the maximum), ties that with the rank count more than the C - 1
-other classes, non-finite floats, NLLs below 0, Brier outside [0, 2], entropy outside
-[0, log C], confidence outside [1/C, 1], negative sample ids. Each refusal is a ``ChunkError`` naming the
-column and the first offending record, which the servicer returns in-band (the stream survives
-and the evaluation is unchanged). Bounds carry ``TOLERANCE``: float32 rounding in the engine can
-put a value a few ulps past its mathematical bound.
+other classes, non-finite floats, NLLs below 0, Brier outside [0, 2], entropy outside [0, log C],
+confidence outside [1/C, 1], a temperature model outside its range (log_rest above log C, a positive
+rest_slope, a negative rest_curvature), negative sample ids.
+Each refusal is a ``ChunkError`` naming the column and the first offending record, which the
+servicer returns in-band (the stream survives and the evaluation is unchanged). Bounds carry
+``TOLERANCE``: float32 rounding in the engine can put a value a few ulps past its mathematical bound.
 """
 
 from __future__ import annotations
@@ -285,23 +286,35 @@ def _plainly_valid(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_ra
     return True
 
 
-_BOUNDED = ("nll", "nll_t", "brier", "entropy", "confidence")
-# The columns whose rules ``_plainly_valid`` knows (those of layout version 2).
+_BOUNDED = ("nll", "nll_t", "brier", "entropy", "confidence", "log_rest", "rest_slope", "rest_curvature")
+# The columns whose rules ``_plainly_valid`` knows.
 _KNOWN = frozenset(("sample_id", "label", "pred", "rank", "ties", *_BOUNDED))
 
 
-def _bounds(c: int, log_c: float) -> dict[str, tuple[float, float]]:
-    """Each bounded column's accepted [low, high], tolerance included, exactly as the reference."""
-    out = {}
-    for name, (lo, hi) in {
+def _limits(c: int, log_c: float) -> dict[str, tuple[float, float]]:
+    """Each bounded column's mathematical [low, high]."""
+    return {
         "nll": (0.0, math.inf),
         "nll_t": (0.0, math.inf),
         "brier": (0.0, 2.0),
         "entropy": (0.0, log_c),
         "confidence": (1.0 / c, 1.0),
-    }.items():
-        out[name] = (lo * (1 - TOLERANCE) if lo > 0 else -TOLERANCE, hi * (1 + TOLERANCE))
-    return out
+        # L(b) sums C - 1 terms of at most 1; b L' is a mean of scores below the maximum; b^2 L'' a
+        # variance (ABSENT, -1e30, is log_rest's value for C = 1).
+        "log_rest": (-math.inf, log_c),
+        "rest_slope": (-math.inf, 0.0),
+        "rest_curvature": (0.0, math.inf),
+    }
+
+
+def _bounds(c: int, log_c: float) -> dict[str, tuple[float, float]]:
+    """Each bounded column's accepted [low, high], tolerance included, exactly as the reference."""
+    return {name: _tolerant(lo, hi) for name, (lo, hi) in _limits(c, log_c).items()}
+
+
+def _tolerant(lo: float, hi: float) -> tuple[float, float]:
+    low = lo * (1 - TOLERANCE) if lo > 0 else -math.inf if lo == -math.inf else -TOLERANCE
+    return low, hi * (1 + TOLERANCE) if hi > 0 else hi + TOLERANCE
 
 
 def check_reference(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_rank: int) -> None:
@@ -366,19 +379,12 @@ def check_reference(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_r
         if i is not None:
             raise _refuse("non_finite", name, arr, i, "is not finite")
     log_c = math.log(c)
-    bounds = {
-        "nll": (0.0, math.inf),
-        "nll_t": (0.0, math.inf),
-        "brier": (0.0, 2.0),
-        "entropy": (0.0, log_c),
-        "confidence": (1.0 / c, 1.0),
-    }
-    for name, (lo, hi) in bounds.items():
+    for name, (lo, hi) in _limits(c, log_c).items():
         if name not in arrays:
             continue
         arr = arrays[name]
-        low = lo * (1 - TOLERANCE) if lo > 0 else -TOLERANCE
-        out: npt.NDArray[np.bool_] = (arr < low) | (arr > hi * (1 + TOLERANCE))
+        low, high = _tolerant(lo, hi)
+        out: npt.NDArray[np.bool_] = (arr < low) | (arr > high)
         i = _first(out if out.ndim == 1 else out.any(axis=1))
         if i is not None:
             shown = f"[{lo:.6g}, {hi:.6g}]"

@@ -119,6 +119,18 @@ def _list(values: Mapping[str, float], names: Sequence[str], fmt: str, named: bo
     return ", ".join(f"{n} " + fmt.format(values[n]) for n in shown)
 
 
+def _temperatures(facts: Sequence[ModelFacts], names: Sequence[str]) -> str:
+    """T* of each named model as text; one beyond the grid as its bound ("< 0.05", "> 20")."""
+    shown = {}
+    for f in facts:
+        t, side = _g(f.metrics, "best_temperature"), _g(f.metrics, "temperature_beyond_grid")
+        if f.name in names and math.isfinite(t):
+            shown[f.name] = f"{'>' if side > 0 else '<'} {t:.4g}" if side in (1.0, -1.0) else f"{t:.2f}"
+    if len(shown) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{n} {v}" for n, v in shown.items())
+
+
 def temperature_causes(facts: Sequence[ModelFacts]) -> list[Cause]:
     """underconfident / overconfident from each model's T*."""
     t = {f.name: _g(f.metrics, "best_temperature") for f in facts}
@@ -136,7 +148,7 @@ def temperature_causes(facts: Sequence[ModelFacts]) -> list[Cause]:
         who = names_text(models, len(facts))
         one = len(models) == 1
         finding = (
-            f"{who} {'is' if one else 'are'} {word}-confident: T* {_list(values, models, '{:.2f}')} "
+            f"{who} {'is' if one else 'are'} {word}-confident: T* {_temperatures(facts, models)} "
             f"({sign} {limit:.2f}); temperature scaling lowers {'its' if one else 'their'} NLL by "
             f"{_list(gain, models, '{:.3f}')} nats."
         )

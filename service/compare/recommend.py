@@ -53,8 +53,15 @@ def _argbest(values: Sequence[float], order: Sequence[int], lower: bool) -> int 
 
 
 def _at(metrics: Mapping[str, float]) -> str:
+    """The temperature to deploy at; where the optimum lies beyond the grid, the grid's end and the
+    bound ("T* > 20"), never the end as if it were T*."""
     t = metrics.get("best_temperature", math.nan)
-    return f"T={t:.2f}" if math.isfinite(t) else "T=1 (no T* known)"
+    if not math.isfinite(t):
+        return "T=1 (no T* known)"
+    side = metrics.get("temperature_beyond_grid", 0.0)
+    if side:
+        return f"T={t:.2f} (T* {'>' if side > 0 else '<'} {t:.4g}, beyond the temperature grid)"
+    return f"T={t:.2f}"
 
 
 def _iv(iv: Interval) -> str:

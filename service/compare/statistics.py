@@ -12,8 +12,11 @@ replicates at once, ``w`` of shape [b, n], and return [b] values:
   weighted bincounts over [b, bins or classes] with the bin or class of every
   sample fixed by the full sample (for adaptive ECE the equal-mass bins and for
   the buckets the class ranking are those of the full sample);
-- the calibrated NLL is the weighted mean NLL over the temperature grid
-  followed by the engine's parabolic interpolation, vectorised over replicates;
+- the calibrated NLL is the weighted mean NLL over temperatures followed by a
+  parabola through the minimum in log T, vectorised over replicates: for records
+  with the engine's temperature model (docs/metrics.md) at 17 temperatures around
+  the engine's exact T* (so unit weights give the engine's value), for legacy
+  records at the grid points (the engine's parabola);
 - NLL percentiles are weighted quantiles (lower inverted CDF).
 
 Columns are centred on their full-sample mean before the float32 matrix
@@ -30,8 +33,10 @@ import numpy.typing as npt
 
 from evalstream.service.engine.calibration import equal_width_bins
 from evalstream.service.engine.config import EngineConfig
+from evalstream.service.engine.curve import Curve
 from evalstream.service.engine.records import Records
 from evalstream.service.engine.registry import accuracy_name
+from evalstream.service.engine.temperature import scan_records
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -239,10 +244,26 @@ def temperature_optimum(means: F64, temperatures: F64) -> tuple[F64, F64]:
 class CalibratedNll(Statistic):
     """NLL at the best temperature: weighted grid means, then the parabola through the minimum."""
 
-    def __init__(self, nll_t: F32, inverse_temperatures: F64):
+    # Temperatures around the engine's T* for records with the temperature model: T* times
+    # exp(+-0.05 k), k <= 8, inside the grid (a replicate's T* moves little from the full sample's).
+    LOCAL = np.linspace(-0.4, 0.4, 17)
+
+    def __init__(self, nll_t: F32 | F64, inverse_temperatures: F64):
         # Columns in increasing T, as the engine's scan orders them.
         self.columns = Columns(nll_t[:, ::-1].astype(np.float64))
         self.temperatures = 1.0 / np.asarray(inverse_temperatures, dtype=np.float64)[::-1]
+
+    @classmethod
+    def of(cls, records: Records) -> CalibratedNll:
+        """Legacy records: the grid columns. Otherwise the model at 17 points around the exact T*."""
+        if records.legacy or len(records) == 0:
+            return cls(records.nll_t, records.inverse_temperatures)
+        grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
+        model = Curve(records)
+        b_star = 1.0 / scan_records(records, model).best_temperature
+        local = np.unique(np.clip(b_star * np.exp(cls.LOCAL), grid[0], grid[-1]))
+        columns = np.stack([model.sample(float(b)) for b in local], axis=1)
+        return cls(columns, local)
 
     def evaluate(self, w: F32) -> F64:
         return temperature_optimum(self.columns.means(w), self.temperatures)[1]
@@ -294,7 +315,7 @@ def statistic_for(name: str, records: Records, num_classes: int, config: EngineC
     if name in buckets:
         return BucketAccuracy(buckets[name], label, correct, num_classes)
     if name == "calibrated_nll":
-        return CalibratedNll(records.nll_t, records.inverse_temperatures)
+        return CalibratedNll.of(records)
     quantiles = {"nll_p50": 0.5, "nll_p90": 0.9, "nll_p99": 0.99}
     if name in quantiles:
         return WeightedQuantile(nll, quantiles[name])

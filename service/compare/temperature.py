@@ -2,16 +2,17 @@
 
 CompareModels recommends by calibrated NLL only when the lead is significant,
 so it needs the calibrated loss sample by sample: each sample's NLL at the
-model's T*. Records carry each sample's NLL on the temperature grid
-(``nll_t``). Each sample's curve is interpolated by the same parabola in log T
-the engine fits to the mean curve (through the grid point of lowest mean NLL
-and its two neighbours): the interpolation is linear in the grid values, so
-the mean of the per-sample values is exactly the engine's calibrated NLL, and a
-paired difference of these means is a difference of calibrated NLLs. At an end
-of the grid the end column is used, as the engine reports the end.
+model's T*. It is the engine's own temperature model (curve.py: each sample's
+log-sum over the other classes, with its first two derivatives, at the grid
+points, a quintic Hermite piece between them) evaluated
+at T*, so the mean of the per-sample values is the engine's calibrated NLL (the
+same float64 function the engine minimised), and a paired difference of these
+means is a difference of calibrated NLLs. Where T* lies beyond the grid the
+engine reports the grid's end and the model is evaluated there, as reported.
 
-This is the one place compare reads the temperature curve of a sample, so a
-finer engine interpolation replaces the body of ``sample_nll_at`` only.
+Legacy records (version-1/2 blobs, NLL at the grid points only) use the
+parabola in log T through the grid point of lowest mean NLL and its two
+neighbours, which is what the engine's scan falls back to for them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from evalstream.service.engine.curve import sample_nll
 from evalstream.service.engine.records import Records
 
 F64 = npt.NDArray[np.float64]
@@ -37,7 +39,11 @@ def lagrange_weights(x: tuple[float, float, float], at: float) -> tuple[float, f
 
 
 def sample_nll_at(records: Records, temperature: float) -> F64:
-    """[n] NLL of every sample at ``temperature``, interpolated as the engine's temperature scan."""
+    """[n] NLL of every sample at ``temperature``, as the engine's temperature scan models it."""
+    if not records.legacy and len(records) and math.isfinite(temperature) and temperature > 0.0:
+        grid = records.inverse_temperatures
+        b = min(max(1.0 / temperature, float(grid[0])), float(grid[-1]))
+        return sample_nll(records, b)
     columns = records.nll_t[:, ::-1].astype(np.float64)  # increasing T
     g = columns.shape[1]
     if not math.isfinite(temperature) or temperature <= 0.0 or g < 3 or len(records) == 0:

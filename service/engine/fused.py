@@ -3,15 +3,16 @@
 Why: in eager PyTorch every operation is a pass over a [rows, C] block, and the
 default grid needs ~30 of them a block. ``torch.compile`` fuses ``row_pass``
 below into one loop for the row maximum and one loop for everything else
-(exponential, powers, compare counts and the 13 row sums), the second reading
-the row from L1: at C = 3,000 that is ~4x the eager throughput on one thread.
+(exponential, powers, compare counts and the row sums), the second reading
+the row from L1: at C = 3,000 that is ~4x the eager throughput on one thread. The temperature
+model's columns come after it from moments.py.
 
 Per row (z upcast to float32 inside the kernel, so half inputs are read at half width):
 
     m = max z,  d = z - m,  q = exp(step * d),  e = q ** unit = exp(d)
     S = sum e,  rank = #{z > z_y},  ties = #{z == z_y} - 1,  pred = first = min{c : d_c = 0}
     nll = (m - z_y) + log S,  confidence = 1 / S,  brier = sum e^2 / S^2 - 2 e_y / S + 1
-    entropy = log S - sum e d / S,  nll_t[a] = a (m - z_y) + log sum e^a
+    entropy = log S - sum e d / S
 
 Sums are of unnormalised powers whose largest term is exactly 1, so nothing is
 lost to underflow that matters (see docs/metrics.md). The kernel's shapes are
@@ -50,15 +51,17 @@ PROBE_TOLERANCE = 1e-5
 def make_row_pass(num_classes: int, inverse_temperatures: tuple[float, ...], max_rank: int) -> RowPass:
     """The fused pass as a plain PyTorch function (runs eagerly too, ~20x slower than compiled).
 
-    Returns ``(floats [n, 4 + G] float32: nll, confidence, brier, entropy, nll_t...,
-    ints [n, 3] int32: pred (argmax), rank capped at max_rank, ties, lse [n]: logsumexp of each row)``.
+    Returns ``(floats [n, 4] float32: nll, confidence, brier, entropy, ints [n, 3] int32: pred
+    (argmax), rank capped at max_rank, ties, lse [n]: logsumexp of each row)``. The temperature
+    model's columns are not in it: their sums come from moments.py (a loop of their own, since
+    inductor recomputes their shared powers inside each reduction). ``inverse_temperatures`` stays
+    in the signature and the kernel key: compiled kernels are per evaluation setting.
     """
-    lad = ladder(inverse_temperatures)
-    grid = tuple(float(a) for a in inverse_temperatures)
-    return _fresh(_row_pass_factory(num_classes, grid, max_rank, lad))
+    lad = ladder(())
+    return _fresh(_row_pass_factory(num_classes, max_rank, lad))
 
 
-def _row_pass_factory(num_classes: int, grid: tuple[float, ...], max_rank: int, lad: Ladder) -> RowPass:
+def _row_pass_factory(num_classes: int, max_rank: int, lad: Ladder) -> RowPass:
     needed = lad.needed()
     unit = lad.unit
 
@@ -84,16 +87,9 @@ def _row_pass_factory(num_classes: int, grid: tuple[float, ...], max_rank: int, 
         p_y = torch.exp(zy - m).squeeze(1) / s
         brier = sums[2 * unit] / (s * s) - 2.0 * p_y + 1.0
         entropy = log_s - (e * d).sum(dim=1) / s
-        cols = [nll, torch.reciprocal(s), brier, entropy]
-        for a, k in zip(grid, lad.exponents, strict=True):
-            if a == 1.0:
-                cols.append(nll)
-            elif k is not None:
-                cols.append(a * margin + torch.log(sums[k]))
-            else:
-                cols.append(a * margin + torch.log(torch.exp(d * a).sum(dim=1)))
+        cols = torch.stack([nll, torch.reciprocal(s), brier, entropy], dim=1)
         ints = torch.stack([first, rank.clamp(max=float(max_rank)), ties], dim=1).int()
-        return torch.stack(cols, dim=1), ints, m.squeeze(1) + log_s
+        return cols, ints, m.squeeze(1) + log_s
 
     return row_pass
 

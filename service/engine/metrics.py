@@ -15,7 +15,7 @@ from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.imbalance import imbalance
 from evalstream.service.engine.records import Records
 from evalstream.service.engine.report import LossSummary, MetricReport
-from evalstream.service.engine.temperature import scan
+from evalstream.service.engine.temperature import scan_records
 
 # A share of samples whose label's score ties another class's above which an evaluation warns:
 # float32 logits of a healthy model almost never tie exactly (well under 0.1% of samples even in
@@ -60,8 +60,8 @@ def compute_metrics(
     records: Records, num_classes: int, config: EngineConfig, *, dedupe: bool = True
 ) -> MetricReport:
     """The MetricReport of one evaluation. With ``dedupe`` the first arrival of each sample id counts."""
-    if not np.array_equal(records.inverse_temperatures, np.asarray(config.inverse_temperatures)):
-        raise ValueError("records were computed on a different temperature grid than the config's")
+    # The temperature scan uses the records' own grid: an evaluation begun before a change of the
+    # grid (Records.concat) keeps the grid of its legacy parts.
     dropped = 0
     if dedupe:
         records, dropped = records.dedupe()
@@ -80,6 +80,6 @@ def compute_metrics(
         brier=float(records.brier.sum(dtype=np.float64)) / n if n else 0.0,
         entropy=float(records.entropy.sum(dtype=np.float64)) / n if n else 0.0,
         imbalance=imbalance(records.label, records.pred, credit, num_classes, config.top_confusions),
-        temperature=scan(records.nll_t, records.inverse_temperatures),
+        temperature=scan_records(records),
         label_tie_share=float(np.count_nonzero(records.tied)) / n if n else 0.0,
     )

@@ -11,7 +11,7 @@ Per block of rows (z = scores upcast to float32, y = labels):
     nll         = (m - z_y) + log S
     brier       = sum_c p_c^2 - 2 p_y + 1
     entropy     = log S - sum_c p_c (z_c - m)
-    nll_t[a]    = a * nll + log sum_c p_c^a      (see powers.py)
+    log_rest, rest_slope, rest_curvature: the temperature model's columns (moments.py, curve.py)
 
 Buffers are allocated once, sized for ``rows`` rows, and reused for every block
 of every chunk: fresh full-size tensors per chunk cost page faults that
@@ -37,7 +37,7 @@ import torch
 from evalstream.service.engine.config import EngineConfig
 from evalstream.service.engine.errors import ChunkError
 from evalstream.service.engine.fused import KernelKey, RowPass, compiler_available, kernel_for
-from evalstream.service.engine.powers import PowerPlan, plan
+from evalstream.service.engine.moments import RestMoments
 from evalstream.service.engine.records import FIELDS, NO_SAMPLE_ID, Records
 from evalstream.service.engine.validate import locate_non_finite, validate
 
@@ -114,7 +114,7 @@ class ChunkReducer:
         self.backend = resolve_backend(config.backend, self.device)
         cap = CUDA_BUFFER_BYTES if self.device.type == "cuda" else BUFFER_BYTES
         self.rows = max(1, min(config.block_rows, cap // (4 * num_classes)))
-        self.plan: PowerPlan = plan(config.inverse_temperatures)
+        self.moments = RestMoments(tuple(config.inverse_temperatures), num_classes)
         self.grid = np.asarray(config.inverse_temperatures, dtype=np.float64)
         if config.intra_op_threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(config.intra_op_threads)
@@ -159,9 +159,15 @@ class ChunkReducer:
     # -- public --------------------------------------------------------------------------------
 
     def active_backend(self, dtype: torch.dtype = torch.float32) -> str:
-        """The backend that reduces scores of ``dtype``: "compiled" once its kernel compiled, else
-        "eager" (compiles on first use, as ``reduce`` would)."""
-        return "eager" if self._kernel(dtype) is None else "compiled"
+        """The backend that reduces scores of ``dtype``: "compiled" once its kernel compiled (or the
+        native row pass serves it), else "eager" (compiles on first use, as ``reduce`` would)."""
+        return "compiled" if self._native_rows() or self._kernel(dtype) is not None else "eager"
+
+    def _native_rows(self) -> bool:
+        """The compiled backend on the CPU runs the native row pass (rest_moments.c): one loop a row for
+        every column, the temperature model's included, where inductor's kernel would leave those
+        to a second loop. TorchInductor compiles the CPU pass only where that kernel cannot be built."""
+        return self.backend == "compiled" and self.device.type == "cpu" and self.moments.has_rows
 
     def reduce(
         self, scores: object, labels: object, sample_ids: object = None, to_host: HostCopy | None = None
@@ -174,11 +180,15 @@ class ChunkReducer:
         chunk = validate(scores, labels, sample_ids, self.num_classes)
         n = chunk.labels.shape[0]
         grid = self.config.inverse_temperatures
+        g = len(grid)
         if n == 0:
             return Records.empty(grid)
-        kernel = self._kernel(chunk.scores.dtype)
+        native_rows = self._native_rows()
+        kernel = None if native_rows else self._kernel(chunk.scores.dtype)
         with torch.no_grad():
-            if kernel is None:
+            if native_rows:
+                floats, ints, lse = self.moments.rows(chunk.scores, chunk.labels)
+            elif kernel is None:
                 floats, ints, lse = self._reduce_eager(chunk.scores, chunk.labels)
             else:
                 floats, ints, lse = self._reduce_compiled(kernel, chunk.scores, chunk.labels)
@@ -202,7 +212,9 @@ class ChunkReducer:
             confidence=floats_np[:, 1].copy(),
             brier=floats_np[:, 2].copy(),
             entropy=floats_np[:, 3].copy(),
-            nll_t=np.ascontiguousarray(floats_np[:, 4:]),
+            log_rest=np.ascontiguousarray(floats_np[:, 4 : 4 + g]),
+            rest_slope=floats_np[:, 4 + g : 4 + 2 * g].astype(FIELDS["rest_slope"]),
+            rest_curvature=floats_np[:, 4 + 2 * g :].astype(FIELDS["rest_curvature"]),
             inverse_temperatures=self.grid.copy(),
         )
 
@@ -235,7 +247,8 @@ class ChunkReducer:
         if n == 1:  # a dynamic row count must be >= 2, or the kernel would be recompiled for 1
             z, y = z.expand(2, -1).contiguous(), y.expand(2).contiguous()
         floats, ints, lse = kernel(z, y)
-        return floats[:n], ints[:n], lse[:n]
+        model = self.moments(z[:n])  # half scores are read as they are (moments.py)
+        return torch.cat([floats[:n], model], dim=1), ints[:n], lse[:n]
 
     def _reduce_eager(
         self, scores: torch.Tensor, labels: torch.Tensor
@@ -243,8 +256,8 @@ class ChunkReducer:
         """The block loop: outputs filled block by block on the device."""
         n = labels.shape[0]
         g = len(self.config.inverse_temperatures)
-        # Output columns: nll, conf, brier, entropy, nll_t...; pred, rank, ties; logsumexp per row.
-        floats = torch.empty((n, 4 + g), dtype=torch.float32, device=self.device)
+        # Output columns: nll, conf, brier, entropy, the model's 3 x G; pred, rank, ties; logsumexp.
+        floats = torch.empty((n, 4 + 3 * g), dtype=torch.float32, device=self.device)
         ints = torch.empty((n, 3), dtype=torch.int32, device=self.device)
         lse = torch.empty(n, dtype=torch.float32, device=self.device)
         labels_dev = labels.to(self.device, non_blocking=True)
@@ -323,38 +336,7 @@ class ChunkReducer:
         out_f[:, 1] = conf
         out_f[:, 2] = brier
         out_f[:, 3] = entropy
-        self._temperatures(z, zy, p, p2, sum_p2, nll, out_f[:, 4:])
+        out_f[:, 4:] = self.moments(z)
         out_i[:, 0] = first
         out_i[:, 1] = rank.clamp_(max=float(self.config.max_rank))
         out_i[:, 2] = ties
-
-    def _temperatures(
-        self,
-        z: torch.Tensor,
-        zy: torch.Tensor,
-        p: torch.Tensor,
-        p2: torch.Tensor,
-        sum_p2: torch.Tensor,
-        nll: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        """nll_t[:, j] for every grid point, from powers of p (see powers.py)."""
-        b = p.shape[0]
-        bases: dict[float, torch.Tensor] = {1.0: p, 2.0: p2}
-        if self.plan.needs_sqrt:
-            bases[0.5] = torch.sqrt(p, out=self._buf("p_half")[:b])
-        if self.plan.needs_quarter:
-            bases[0.25] = torch.sqrt(bases[0.5], out=self._buf("p_quarter")[:b])
-        for j, term in enumerate(self.plan.terms):
-            a = term.a
-            if term.kind == "one":
-                out[:, j] = nll
-            elif term.kind == "direct":
-                scaled = torch.mul(z, a, out=self._buf("scaled")[:b])
-                out[:, j] = torch.logsumexp(scaled, dim=1) - a * zy
-            else:
-                if term.kind == "sum":
-                    s = sum_p2 if a == 2.0 else bases[a].sum(dim=1)
-                else:
-                    s = _rowdot(bases[term.left], bases[term.right], self._buf("work")[:b])
-                out[:, j] = a * nll + torch.log(s)

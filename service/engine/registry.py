@@ -52,7 +52,13 @@ _STATIC: tuple[MetricInfo, ...] = (
         False,
         True,
     ),
-    MetricInfo("best_temperature", "Temperature T* minimising NLL (parabolic fit in log T)", None),
+    MetricInfo("best_temperature", "Temperature T* minimising NLL (exact, within the grid)", None),
+    MetricInfo(
+        "temperature_beyond_grid",
+        "Where T* lies against the temperature grid: 0 inside; +1 above its highest T (T* > "
+        "best_temperature); -1 below its lowest (T* < best_temperature)",
+        None,
+    ),
     MetricInfo("calibrated_nll", "NLL at the best temperature T*", False),
     MetricInfo(
         "label_tie_share",

@@ -94,6 +94,9 @@ class TemperatureScan:
     nll: list[float]
     best_temperature: float
     calibrated_nll: float
+    # 0: T* lies within the grid. +1: the optimum is beyond the grid's highest temperature
+    # (T* > best_temperature, which is that end); -1: beyond its lowest (T* < best_temperature).
+    beyond_grid: int = 0
 
 
 @dataclass
@@ -137,6 +140,7 @@ class MetricReport:
             "prediction_shift_tv": imb.prediction_shift_tv,
             "best_temperature": self.temperature.best_temperature,
             "calibrated_nll": self.temperature.calibrated_nll,
+            "temperature_beyond_grid": float(self.temperature.beyond_grid),
             "label_tie_share": self.label_tie_share,
         }
         out.update({f"accuracy_{b.name}": b.accuracy for b in imb.buckets})

@@ -1,4 +1,10 @@
-"""Temperature scan: mean NLL over the grid and T* by parabolic interpolation in log T."""
+"""Temperature scan: mean NLL over the grid, T* and the calibrated NLL.
+
+Records of this version carry a model of each sample's NLL at any temperature (curve.py): T* is
+the exact minimum of its mean, beyond-the-grid optima are reported as such. Legacy records
+(version 1/2 blobs, the NLL at the grid points only) fall back to the parabola in log T through the
+grid minimum and its two neighbours, as before.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from evalstream.service.engine import curve
+from evalstream.service.engine.records import Records
 from evalstream.service.engine.report import TemperatureScan
 
 
@@ -28,8 +36,29 @@ def parabola_min(x: tuple[float, float, float], f: tuple[float, float, float]) -
     return xs, fs
 
 
-def scan(nll_t: npt.NDArray[np.float32], inverse_temperatures: npt.NDArray[np.float64]) -> TemperatureScan:
-    """Mean NLL at each T (increasing T); T* and the NLL there.
+def scan_records(records: Records, model: curve.Curve | None = None) -> TemperatureScan:
+    """The scan of a set of records: the exact optimum of the temperature model, or, for legacy
+    records, the parabola through the grid minimum (``scan``). ``model``: the records' Curve where
+    the caller has built it already (it sorts and copies every column once)."""
+    grid = np.asarray(records.inverse_temperatures, dtype=np.float64)
+    if records.legacy or len(records) == 0:
+        return scan(records.nll_t, grid)
+    model = model if model is not None else curve.Curve(records)
+    means = np.array([model.mean(float(b)) for b in grid])
+    best = curve.optimum(model, means)
+    return TemperatureScan(
+        temperatures=[float(1.0 / b) for b in grid[::-1]],
+        nll=[float(v) for v in means[::-1]],
+        best_temperature=1.0 / best.inverse_temperature,
+        calibrated_nll=best.nll,
+        beyond_grid=best.side,
+    )
+
+
+def scan(
+    nll_t: npt.NDArray[np.float32] | npt.NDArray[np.float64], inverse_temperatures: npt.NDArray[np.float64]
+) -> TemperatureScan:
+    """Mean NLL at each T (increasing T); T* and the NLL there (legacy records).
 
     At an end of the grid the end itself is reported (the optimum may lie beyond
     it); otherwise the parabola through the minimum and its two neighbours in

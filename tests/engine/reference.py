@@ -40,7 +40,41 @@ def per_sample(
         "ties": ties,
         "pred": z.argmax(axis=1),
         "nll_t": np.stack([logsumexp(a * z) - a * zy for a in inverse_temperatures], axis=1),
+        **temperature_model(z, inverse_temperatures),
     }
+
+
+ABSENT = -1e30
+HALF_MAX = 65504.0
+
+
+def temperature_model(z: np.ndarray, inverse_temperatures: np.ndarray) -> dict[str, np.ndarray]:
+    """log_rest, rest_slope, rest_curvature in float64: L(b) = log sum over the classes other than the
+    first maximum of exp(b (z_c - max z)), b L'(b) and b^2 L''(b) (the softmax mean and variance of
+    z_c - max z over those classes); ABSENT, 0, 0 where there is no other class."""
+    n, c = z.shape
+    g = len(inverse_temperatures)
+    if c < 2:
+        return {
+            "log_rest": np.full((n, g), ABSENT),
+            "rest_slope": np.zeros((n, g)),
+            "rest_curvature": np.zeros((n, g)),
+        }
+    d = z - z.max(axis=1, keepdims=True)
+    first = z.argmax(axis=1)
+    rest = d.copy()
+    rest[np.arange(n), first] = -np.inf
+    cols: dict[str, list[np.ndarray]] = {"log_rest": [], "rest_slope": [], "rest_curvature": []}
+    for b in inverse_temperatures:
+        lse = logsumexp(b * rest)
+        w = np.exp(b * rest - lse[:, None])
+        x = np.where(np.isfinite(rest), rest, 0.0)
+        mean = (w * x).sum(axis=1)
+        var = (w * (x - mean[:, None]) ** 2).sum(axis=1)
+        cols["log_rest"].append(lse)
+        cols["rest_slope"].append(np.clip(b * mean, -HALF_MAX, HALF_MAX))  # float16's range, as stored
+        cols["rest_curvature"].append(np.minimum(b * b * var, HALF_MAX))
+    return {k: np.stack(v, axis=1) for k, v in cols.items()}
 
 
 def topk_credit(rank: np.ndarray, ties: np.ndarray, k: int) -> np.ndarray:
@@ -106,6 +140,30 @@ def buckets(labels: np.ndarray, correct: np.ndarray, num_classes: int) -> list[t
 def confusions(labels: np.ndarray, pred: np.ndarray, k: int) -> list[tuple[int, int, int]]:
     counts = Counter((int(a), int(b)) for a, b in zip(labels, pred, strict=True) if a != b)
     return [(a, b, c) for (a, b), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def exact_temperature(
+    logits: np.ndarray, labels: np.ndarray, lo: float = 1 / 60, hi: float = 60.0
+) -> tuple[float, float]:
+    """(T*, mean NLL at T*) by golden-section search in log b over the float64 logits themselves (the
+    NLL is convex in b = 1/T), to 1e-10 in log b."""
+    z = logits.astype(np.float64)
+    zy = z[np.arange(len(labels)), labels]
+
+    def f(log_b: float) -> float:
+        b = np.exp(log_b)
+        return float(np.mean(logsumexp(b * z) - b * zy))
+
+    a, c = np.log(lo), np.log(hi)
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    while c - a > 1e-10:
+        x1, x2 = c - g * (c - a), a + g * (c - a)
+        if f(x1) <= f(x2):
+            c = x2
+        else:
+            a = x1
+    x = (a + c) / 2
+    return float(np.exp(-x)), f(x)
 
 
 def best_temperature(temps: np.ndarray, nll: np.ndarray) -> tuple[float, float]:

@@ -34,9 +34,16 @@ def test_records_match_reference(case: tuple) -> None:
     np.testing.assert_array_equal(recs.label, data.labels)
     np.testing.assert_array_equal(recs.sample_id, data.sample_ids)
     # float32 storage: each value to a few float32 ulps of its magnitude.
-    for name in ("nll", "confidence", "brier", "entropy", "nll_t"):
+    for name in ("nll", "confidence", "brier", "entropy"):
         got = getattr(recs, name).astype(np.float64)
         np.testing.assert_allclose(got, exp[name], rtol=2e-6, atol=2e-6, err_msg=name)
+    # The model's powers are products of one exponential (about k/2 ulps at b = k/20), its
+    # derivatives float16 (half an ulp: 4.9e-4 relative), and its NLL at a grid point carries the
+    # float32 margin (nll + log confidence) times b <= 20.
+    np.testing.assert_allclose(recs.log_rest, exp["log_rest"], rtol=3e-5, atol=3e-5)
+    np.testing.assert_allclose(recs.rest_slope, exp["rest_slope"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(recs.rest_curvature, exp["rest_curvature"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(recs.nll_t, exp["nll_t"], rtol=2e-6, atol=2e-5)
 
 
 def test_loss_and_accuracy(case: tuple) -> None:
@@ -111,13 +118,14 @@ def test_temperature_scan(case: tuple) -> None:
     nll = exp["nll_t"].mean(axis=0)[::-1]
     scan = rep.temperature
     np.testing.assert_allclose(scan.temperatures, temps, rtol=1e-15)
-    np.testing.assert_allclose(scan.nll, nll, rtol=RTOL)
-    t_star, nll_star = ref.best_temperature(temps, nll)
-    assert scan.best_temperature == pytest.approx(t_star, rel=1e-5)
-    assert scan.calibrated_nll == pytest.approx(nll_star, rel=RTOL)
+    np.testing.assert_allclose(scan.nll, nll, rtol=2e-6)
+    # T* and the calibrated NLL: the exact optimum of the float64 logits, to 1% and 1e-4 nats.
+    t_star, nll_star = ref.exact_temperature(case[1].logits, case[1].labels)
+    assert scan.best_temperature == pytest.approx(t_star, rel=1e-2)
+    assert scan.calibrated_nll == pytest.approx(nll_star, abs=1e-4)
     assert scan.calibrated_nll <= min(scan.nll) + 1e-12
-    # T = 1 in the scan is the loss itself.
-    assert scan.nll[scan.temperatures.index(1.0)] == pytest.approx(rep.loss.mean, rel=1e-12)
+    # T = 1 in the scan is the loss itself (to the float32 rounding of the margin).
+    assert scan.nll[scan.temperatures.index(1.0)] == pytest.approx(rep.loss.mean, rel=1e-6)
 
 
 def test_non_dyadic_grid_takes_the_direct_path() -> None:
@@ -125,7 +133,7 @@ def test_non_dyadic_grid_takes_the_direct_path() -> None:
     data = make_data(100, 500, 11)
     recs = ChunkReducer(100, cfg).reduce(data.logits, data.labels)
     exp = ref.per_sample(data.logits, data.labels, np.asarray(cfg.inverse_temperatures))
-    np.testing.assert_allclose(recs.nll_t, exp["nll_t"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(recs.nll_t, exp["nll_t"], rtol=2e-6, atol=2e-5)
 
 
 def test_minimal_grid() -> None:
@@ -135,4 +143,4 @@ def test_minimal_grid() -> None:
     rep = compute_metrics(recs, 100, cfg)
     assert recs.nll_t.shape == (300, 1)
     assert rep.temperature.best_temperature == 1.0
-    assert rep.temperature.calibrated_nll == pytest.approx(rep.loss.mean, rel=1e-12)
+    assert rep.temperature.calibrated_nll == pytest.approx(rep.loss.mean, rel=1e-6)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evalstream.service.engine import EngineConfig, Records
+from evalstream.service.engine import Records
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.engine.temperature import scan
@@ -27,7 +27,7 @@ def test_accuracy_does_not_depend_on_temperature() -> None:
             np.testing.assert_array_equal(scaled.rank, base.rank)
             np.testing.assert_array_equal(scaled.pred, base.pred)
         # The grid column j is the NLL of the logits scaled by a.
-        np.testing.assert_allclose(base.nll_t[:, j], scaled.nll, rtol=5e-6, atol=5e-6)
+        np.testing.assert_allclose(base.nll_t[:, j], scaled.nll, rtol=5e-6, atol=2e-5)
 
 
 def _records_with_curve(grid: tuple[float, ...], curve: np.ndarray) -> Records:
@@ -43,13 +43,20 @@ def _records_with_curve(grid: tuple[float, ...], curve: np.ndarray) -> Records:
         confidence=np.full(n, 0.5, np.float32),
         brier=np.zeros(n, np.float32),
         entropy=np.zeros(n, np.float32),
-        nll_t=np.tile(curve.astype(np.float32), (n, 1)).reshape(n, g),
+        log_rest=np.empty((n, 0), np.float32),
+        rest_slope=np.empty((n, 0), np.float16),
+        rest_curvature=np.empty((n, 0), np.float16),
         inverse_temperatures=recs.inverse_temperatures,
+        legacy_nll_t=np.tile(curve.astype(np.float32), (n, 1)).reshape(n, g),
     )
 
 
+# The default grid of version-2 records, whose scan (legacy records) is the parabola below.
+LEGACY_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
 def test_parabola_recovers_a_quadratic_minimum_in_log_t() -> None:
-    grid = EngineConfig().inverse_temperatures
+    grid = LEGACY_GRID
     t_true = 1.3
     curve = np.array([2.0 + 0.5 * (math.log(1 / a) - math.log(t_true)) ** 2 for a in grid])
     result = scan(_records_with_curve(grid, curve).nll_t, np.asarray(grid))
@@ -59,7 +66,7 @@ def test_parabola_recovers_a_quadratic_minimum_in_log_t() -> None:
 
 @pytest.mark.parametrize(("t_true", "end"), [(10.0, 4.0), (0.1, 0.25)])
 def test_minimum_at_the_grid_end_reports_the_end(t_true: float, end: float) -> None:
-    grid = EngineConfig().inverse_temperatures
+    grid = LEGACY_GRID
     curve = np.array([1.0 + (math.log(1 / a) - math.log(t_true)) ** 2 for a in grid])
     result = scan(_records_with_curve(grid, curve).nll_t, np.asarray(grid))
     assert result.best_temperature == end

@@ -16,7 +16,7 @@ import torch
 
 from evalstream.service.engine import EngineConfig
 from evalstream.service.engine.metrics import TIE_WARNING_SHARE, compute_metrics
-from evalstream.service.engine.records import FIELDS, MAGIC, Records
+from evalstream.service.engine.records import FIELDS, MAGIC, MODEL_FIELDS, Records
 from evalstream.service.engine.reducer import ChunkReducer
 from tests.engine import reference as ref
 
@@ -163,16 +163,21 @@ def test_version_1_records_read_as_tie_free() -> None:
     computed as (the old rule credited every tie to the label)."""
     gen = torch.Generator().manual_seed(1)
     recs = ChunkReducer(20, CFG).reduce(torch.randn(30, 20, generator=gen), torch.randint(0, 20, (30,)))
-    old_fields = [name for name in FIELDS if name != "ties"]
+    old_fields = [name for name in FIELDS if name not in ("ties", *MODEL_FIELDS)]
+    nll_t = recs.nll_t.astype(np.float32)  # versions 1 and 2 stored the grid NLLs
     header = {
         "n": len(recs),
         "inverse_temperatures": recs.inverse_temperatures.tolist(),
-        "fields": [[name, FIELDS[name], list(getattr(recs, name).shape[1:])] for name in old_fields],
+        "fields": [[name, FIELDS[name], list(getattr(recs, name).shape[1:])] for name in old_fields]
+        + [["nll_t", "<f4", [nll_t.shape[1]]]],
     }
     head = json.dumps(header).encode()
     blob = MAGIC + struct.pack("<BI", 1, len(head)) + head
     blob += b"".join(np.ascontiguousarray(getattr(recs, name)).tobytes() for name in old_fields)
+    blob += nll_t.tobytes()
     back = Records.from_bytes(blob)
+    assert back.legacy
+    np.testing.assert_array_equal(back.nll_t, nll_t)
     np.testing.assert_array_equal(back.ties, np.zeros(len(recs)))
     for name in old_fields:
         np.testing.assert_array_equal(getattr(back, name), getattr(recs, name))

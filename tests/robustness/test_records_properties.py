@@ -81,14 +81,18 @@ def _record_ok(rec: Records, i: int) -> bool:
     if rank == 0 and (pred > label if ties else pred != label):
         return False
     floats = [float(rec.nll[i]), float(rec.confidence[i]), float(rec.brier[i]), float(rec.entropy[i])]
-    nll_t = [float(v) for v in rec.nll_t[i]]
-    if not all(math.isfinite(v) for v in floats + nll_t):
+    log_rest = [float(v) for v in rec.log_rest[i]]
+    slope = [float(v) for v in rec.rest_slope[i]]
+    curvature = [float(v) for v in rec.rest_curvature[i]]
+    if not all(math.isfinite(v) for v in floats + log_rest + slope + curvature):
         return False
     nll, conf, brier, entropy = floats
     tol = TOLERANCE
     return (
         nll >= -tol
-        and min(nll_t) >= -tol
+        and max(log_rest) <= math.log(c) * (1 + tol)
+        and max(slope) <= tol
+        and min(curvature) >= -tol
         and -tol <= brier <= 2 * (1 + tol)
         and -tol <= entropy <= math.log(c) * (1 + tol)
         and (1 / c) * (1 - tol) <= conf <= 1 + tol

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from evalstream.service.engine import fused
+from evalstream.service.engine.reducer import ChunkReducer
 from evalstream.service.server import BackgroundServer, inductor_cache_dir
 from tests.support.servers import small_settings
 
@@ -38,8 +39,13 @@ def test_warm_kernels_compile_at_start_and_the_log_names_the_cache(
         while not srv.server.warm_up.done() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert srv.server.warm_up.done() and srv.server.warm_up.exception() is None
-        # No chunk was streamed: the kernels were compiled by the start-up alone.
-        assert _compiled(41, torch.float32) and _compiled(43, torch.bfloat16)
+        # No chunk was streamed: the start-up alone readied the pass. On the CPU with a C compiler that
+        # is the native row pass (one library for every class count and dtype), so inductor compiled
+        # nothing; where that cannot be built, these would be inductor's kernels.
+        if ChunkReducer(41, settings.engine_config()).moments.has_rows:
+            assert not _compiled(41, torch.float32) and not _compiled(43, torch.bfloat16)
+        else:
+            assert _compiled(41, torch.float32) and _compiled(43, torch.bfloat16)
     text = caplog.text
     assert f"inductor's disk cache at {inductor_cache_dir()}" in text
     assert "compiling at start: 41:float32, 43:bfloat16" in text

@@ -1,0 +1,230 @@
+"""Builds and loads the temperature model's CPU kernel (rest_moments.c) with the system C compiler.
+
+Why at run time: the kernel is specialised to the grid's plan of powers (compiled in, so the loop
+keeps its sums in registers) and to this machine's vector width (``-march=native``), as
+TorchInductor does for its own kernels; the compiler it needs is the one inductor needs too. Each
+library is built once per (source, plan, compiler, machine) into a cache directory and reused by
+later processes (``EVALSTREAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/evalstream`` or
+``~/.cache/evalstream``); a build goes to a temporary name and is renamed into place, so replicas
+starting together never load a half-written file. Without a compiler, or where a build fails, the
+engine computes the same sums with PyTorch (moments.py), logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from evalstream.service.engine.moments import Plan
+
+log = logging.getLogger(__name__)
+
+SOURCE = "rest_moments.c"
+# Score dtypes the kernel reads as they are (others are upcast to float32 first).
+DTYPES = (torch.float32, torch.bfloat16)
+# Tried in order: the machine's full vector width, then the compiler's defaults.
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"),
+    ("-O3", "-fPIC", "-shared", "-fno-math-errno"),
+)
+# Rows are split across threads only when a call has this many scores or more (thread hand-off
+# costs ~20 us; 256k scores take ~0.5 ms).
+SPLIT_SCORES = 1 << 18
+
+_P = ctypes.c_void_p
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL | None] = {}
+_pool: ThreadPoolExecutor | None = None
+
+
+def c_compiler() -> str | None:
+    """$CC, else cc, gcc or clang on PATH."""
+    cc = os.environ.get("CC")
+    for name in ([cc] if cc else []) + ["cc", "gcc", "clang"]:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("EVALSTREAM_CACHE_DIR")
+    if explicit:
+        return Path(explicit) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "evalstream" / "native"
+
+
+def plan_source(plan: Plan) -> str:
+    """The #defines that compile ``plan`` into the kernel (see rest_moments.c): op i is
+    exp(scale x) when a < 0, else the product of ops a and b."""
+    stmts = []
+    for i, (a, b, scale) in enumerate(plan.ops):
+        stmts.append(f"v[{i}] = EXP({float(scale)!r}f);" if a < 0 else f"v[{i}] = v[{a}] * v[{b}];")
+    return (
+        f"#define NOPS {len(plan.ops)}\n#define NOUT {len(plan.outs)}\n"
+        f"#define PLAN {' '.join(stmts)}\n#define OUTS {', '.join(map(str, plan.outs))}\n"
+        f"#define ONE_OUT {plan.one_out}\n#define TWO_OP {plan.two_op}\n"
+    )
+
+
+def _machine() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"
+
+
+def library(plan: Plan) -> ctypes.CDLL | None:
+    """The kernel for this plan: loaded from the cache, else built; None (logged) where it cannot be."""
+    source = plan_source(plan) + resources.files("evalstream.service.engine").joinpath(SOURCE).read_text()
+    cc = c_compiler()
+    key = hashlib.sha256(f"{source}\0{cc}\0{FLAG_SETS}\0{_machine()}".encode()).hexdigest()[:24]
+    with _lock:
+        if key not in _libraries:
+            _libraries[key] = _load(source, cc, key)
+        return _libraries[key]
+
+
+def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
+    if cc is None:
+        log.warning("no C compiler on PATH (CC, cc, gcc, clang): the temperature model's sums run in PyTorch")
+        return None
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / f"evalstream-native-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"rest_moments-{key}.so"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            src = Path(tmp) / SOURCE
+            src.write_text(source)
+            out = Path(tmp) / "kernel.so"
+            errors = []
+            for flags in FLAG_SETS:
+                run = subprocess.run(
+                    [cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True
+                )
+                if run.returncode == 0:
+                    os.replace(out, target)
+                    break
+                errors.append(run.stderr.strip()[-2000:])
+            else:
+                log.warning("building %s failed; its sums run in PyTorch:\n%s", SOURCE, "\n".join(errors))
+                return None
+    lib = ctypes.CDLL(str(target))
+    for fn in (lib.rest_moments, lib.rest_moments_bf16):
+        fn.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
+        fn.restype = None
+    for fn in (lib.row_pass, lib.row_pass_bf16):
+        fn.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P]
+        fn.restype = None
+    lib.rest_moments_nout.restype = ctypes.c_int
+    return lib
+
+
+def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sums [n, G, 3], row max [n], max of the rest [n], first argmax [n] int32) of a contiguous
+    float32 or bfloat16 CPU block (bfloat16 is widened inside the loop, never copied); rows are split
+    across torch's intra-op thread count (ctypes releases the GIL)."""
+    n, c = z.shape
+    fn = lib.rest_moments_bf16 if z.dtype == torch.bfloat16 else lib.rest_moments
+    size = z.element_size()
+    g = int(lib.rest_moments_nout())
+    sums = torch.empty((n, g, 3), dtype=torch.float32)
+    m = torch.empty(n, dtype=torch.float32)
+    m2 = torch.empty(n, dtype=torch.float32)
+    first = torch.empty(n, dtype=torch.int32)
+
+    def part(lo: int, hi: int) -> None:
+        fn(
+            z.data_ptr() + lo * c * size,
+            hi - lo,
+            c,
+            sums.data_ptr() + lo * g * 3 * 4,
+            m.data_ptr() + lo * 4,
+            m2.data_ptr() + lo * 4,
+            first.data_ptr() + lo * 4,
+        )
+
+    _split(part, n, c)
+    return sums, m, m2, first
+
+
+def run_rows(
+    lib: ctypes.CDLL, z: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole row pass of a contiguous float32 or bfloat16 CPU block with int64 labels: (sums
+    [n, G, 3], row max, max of the rest, stats [n, 4]: nll, confidence, brier, entropy, ints [n, 3]:
+    pred, rank, ties, lse [n]); rows split across threads as in ``run``."""
+    n, c = z.shape
+    fn = lib.row_pass_bf16 if z.dtype == torch.bfloat16 else lib.row_pass
+    size = z.element_size()
+    g = int(lib.rest_moments_nout())
+    sums = torch.empty((n, g, 3), dtype=torch.float32)
+    m = torch.empty(n, dtype=torch.float32)
+    m2 = torch.empty(n, dtype=torch.float32)
+    first = torch.empty(n, dtype=torch.int32)
+    stats = torch.empty((n, 4), dtype=torch.float32)
+    ints = torch.empty((n, 3), dtype=torch.int32)
+    lse = torch.empty(n, dtype=torch.float32)
+
+    def part(lo: int, hi: int) -> None:
+        fn(
+            z.data_ptr() + lo * c * size,
+            labels.data_ptr() + lo * 8,
+            hi - lo,
+            c,
+            sums.data_ptr() + lo * g * 3 * 4,
+            m.data_ptr() + lo * 4,
+            m2.data_ptr() + lo * 4,
+            first.data_ptr() + lo * 4,
+            stats.data_ptr() + lo * 4 * 4,
+            ints.data_ptr() + lo * 3 * 4,
+            lse.data_ptr() + lo * 4,
+        )
+
+    _split(part, n, c)
+    return sums, m, m2, stats, ints, lse
+
+
+def _split(part: Callable[[int, int], None], n: int, c: int) -> None:
+    """``part`` over row ranges, one a thread of torch's intra-op count (ctypes releases the GIL)."""
+    threads = min(torch.get_num_threads(), n)
+    if threads <= 1 or n * c < SPLIT_SCORES:
+        part(0, n)
+        return
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    futures = [_executor().submit(part, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+    for f in futures:
+        f.result()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rest-moments")
+        return _pool
