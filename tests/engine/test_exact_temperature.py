@@ -23,7 +23,7 @@ from evalstream.client.synthetic import SyntheticValidationSet
 from evalstream.service.compare.temperature import sample_nll_at
 from evalstream.service.engine import EngineConfig, Records
 from evalstream.service.engine.config import DEFAULT_INVERSE_TEMPERATURES
-from evalstream.service.engine.curve import ABOVE, BELOW, INSIDE
+from evalstream.service.engine.curve import ABOVE, BELOW, INSIDE, Curve, sample_nll
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.moments import RestMoments, plan
 from evalstream.service.engine.records import FIELDS, MAGIC, MODEL_FIELDS
@@ -285,3 +285,12 @@ def test_an_evaluation_across_a_change_of_the_grid_merges_on_the_grid_of_its_leg
         assert Records.concat(parts).inverse_temperatures.tolist() == [0.5, 1.0, 2.0]
     with pytest.raises(ValueError, match="different temperature grids"):
         Records.concat([before, Records.from_bytes(_legacy_blob(narrow, 2))])
+
+
+def test_one_temperature_without_a_curve_equals_the_curve(reducers: dict[str, ChunkReducer]) -> None:
+    """``sample_nll`` reads the two grid points around b; the Curve (sorted, converted) must agree."""
+    logits, labels = _logits(0.7, seed=21)
+    recs = reducers["compiled"].reduce(logits, labels)
+    model = Curve(recs)
+    for b in (0.05, 0.07, 0.3, 1.0, 1.7, 6.0, 20.0):
+        np.testing.assert_allclose(sample_nll(recs, b), model.sample(b), rtol=1e-12, atol=1e-12)
