@@ -68,8 +68,8 @@ def logsumexp(x: np.ndarray) -> np.ndarray:
 def family(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     if name == "demo_sharp":
-        z, y, _ = SyntheticValidationSet(num_samples=n, num_classes=C, seed=seed).batch("sharp", 0, n)
-        return z.astype(np.float64), y
+        z32, labels, _ = SyntheticValidationSet(num_samples=n, num_classes=C, seed=seed).batch("sharp", 0, n)
+        return z32.astype(np.float64), labels
     y = rng.integers(0, C, n)
     z = {
         "gaussian": lambda: rng.standard_normal((n, C)),

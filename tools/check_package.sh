@@ -30,5 +30,13 @@ need = {"evalstream.service", "evalstream.service.engine", "evalstream.service.c
         "evalstream.service.store", "evalstream.service.auth", "evalstream.client", "evalstream.v1"}
 missing = need - set(names)
 assert not missing, f"the wheel lacks {sorted(missing)}"
+# The temperature model's native kernel ships as source in the wheel and builds from there.
+import shutil, tempfile, os
+from importlib import resources
+assert resources.files("evalstream.service.engine").joinpath("rest_moments.c").is_file(), "the wheel lacks rest_moments.c"
+if shutil.which("cc") or shutil.which("gcc"):
+    os.environ["EVALSTREAM_CACHE_DIR"] = tempfile.mkdtemp()
+    from evalstream.service.engine.moments import RestMoments
+    assert RestMoments((0.5, 1.0, 2.0), 10).has_rows, "the native kernel did not build from the wheel"
 print(f"wheel and sdist built; {len(names)} modules import from the installed wheel; evalstream --help runs")
 PY
