@@ -13,6 +13,7 @@ engine computes the same sums with PyTorch (moments.py), logged once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -85,6 +86,7 @@ def plan_source(plan: Plan) -> str:
     )
 
 
+@functools.cache
 def _machine() -> str:
     flags = ""
     try:
@@ -110,31 +112,28 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler on PATH (CC, cc, gcc, clang): the temperature model's sums run in PyTorch")
         return None
-    directory = cache_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.gettempdir()) / f"evalstream-native-{os.getuid()}"
-        directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"rest_moments-{key}.so"
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            src = Path(tmp) / SOURCE
-            src.write_text(source)
-            out = Path(tmp) / "kernel.so"
-            errors = []
-            for flags in FLAG_SETS:
-                run = subprocess.run(
-                    [cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True
-                )
-                if run.returncode == 0:
-                    os.replace(out, target)
-                    break
-                errors.append(run.stderr.strip()[-2000:])
-            else:
-                log.warning("building %s failed; its sums run in PyTorch:\n%s", SOURCE, "\n".join(errors))
+    # The cache directory, else the temporary one (a read-only home, as in the Kubernetes manifests).
+    places = (cache_dir(), Path(tempfile.gettempdir()) / f"evalstream-native-{os.getuid()}")
+    problems: list[str] = []
+    for directory in places:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / f"rest_moments-{key}.so"
+            if not target.exists() and not _build(source, cc, directory, target):
                 return None
-    lib = ctypes.CDLL(str(target))
+            break
+        except OSError as exc:
+            problems.append(f"{directory}: {exc}")
+    else:
+        log.warning(
+            "no writable place to build %s (%s); its sums run in PyTorch", SOURCE, "; ".join(problems)
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:  # e.g. a temporary directory mounted noexec
+        log.warning("loading %s failed (%s); its sums run in PyTorch", target, exc)
+        return None
     for fn in (lib.rest_moments, lib.rest_moments_bf16):
         fn.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
         fn.restype = None
@@ -228,3 +227,23 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rest-moments")
         return _pool
+
+
+def _build(source: str, cc: str, directory: Path, target: Path) -> bool:
+    """Compile ``source`` into ``target`` through a temporary name (an atomic rename, so a replica
+    starting beside this one never loads a half-written file); False (logged) where it fails."""
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_text(source)
+        out = Path(tmp) / "kernel.so"
+        errors = []
+        for flags in FLAG_SETS:
+            run = subprocess.run(
+                [cc, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True
+            )
+            if run.returncode == 0:
+                os.replace(out, target)
+                return True
+            errors.append(run.stderr.strip()[-2000:])
+    log.warning("building %s failed; its sums run in PyTorch:\n%s", SOURCE, "\n".join(errors))
+    return False

@@ -191,6 +191,17 @@ def test_without_a_c_compiler_the_engine_uses_pytorch(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.load(f"{tmp_path}/out.npy"), native.log_rest, rtol=3e-5, atol=3e-5)
 
 
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path: Path) -> None:
+    """A read-only home (the Kubernetes manifests) must not cost the kernel: it is built under TMPDIR."""
+    code = (
+        "from evalstream.service.engine.moments import RestMoments\n"
+        "assert RestMoments((0.5, 1.0, 2.0), 10).has_rows\n"
+    )
+    env = {**os.environ, "EVALSTREAM_CACHE_DIR": "/proc/no-such-place", "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    assert list(tmp_path.glob("evalstream-native-*/rest_moments-*.so"))
+
+
 @pytest.mark.parametrize("num_classes", [1, 2, 4, 5])
 def test_few_classes(num_classes: int) -> None:
     """With few classes the model is exact at the grid points (one class: no rest at all)."""
