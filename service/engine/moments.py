@@ -163,15 +163,17 @@ class RestMoments:
         nll, confidence, brier, entropy and the model's columns; ints [n, 3]: pred, rank, ties; lse [n])."""
         assert self.lib is not None
         z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
-        sums, m, m2, stats, ints, lse = native.run_rows(self.lib, z, labels.to(torch.int64).contiguous())
-        model = columns(sums, m, m2, self.grid, self.num_classes)
-        return torch.cat([stats, model], dim=1), ints, lse
+        out = native.run(self.lib, z, labels.to(torch.int64).contiguous())
+        assert out.stats is not None and out.ints is not None and out.lse is not None
+        model = columns(out.sums, out.row_max, out.rest_max, self.grid, self.num_classes)
+        return torch.cat([out.stats, model], dim=1), out.ints, out.lse
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """[n, 3G] columns of scores [n, C] (computed in float32 from any float dtype)."""
         if self.lib is not None and z.device.type == "cpu":
             z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
-            sums, m, m2, _ = native.run(self.lib, z)
+            out = native.run(self.lib, z)
+            sums, m, m2 = out.sums, out.row_max, out.rest_max
         else:
             sums, m, m2 = torch_sums(z.float(), self.grid)
         return columns(sums, m, m2, self.grid, self.num_classes)
@@ -188,15 +190,15 @@ class RestMoments:
         for c in (1, 2, 37, 1000):
             probe = torch.randn(32, c, generator=gen) * 4.0
             probe[0] = 0.0  # a constant row: ties at the maximum
-            got, m, m2, first = native.run(self.lib, probe)
+            got = native.run(self.lib, probe)
             want, wm, wm2 = torch_sums(probe, self.grid)
             half = probe.bfloat16()
             ok = (
-                torch.equal(m, wm)
-                and torch.equal(m2, wm2)
-                and torch.equal(first.long(), probe.argmax(dim=1))
-                and torch.allclose(got, want, rtol=PROBE_TOLERANCE, atol=1e-6)
-                and torch.equal(native.run(self.lib, half)[0], native.run(self.lib, half.float())[0])
+                torch.equal(got.row_max, wm)
+                and torch.equal(got.rest_max, wm2)
+                and torch.equal(got.first.long(), probe.argmax(dim=1))
+                and torch.allclose(got.sums, want, rtol=PROBE_TOLERANCE, atol=1e-6)
+                and torch.equal(native.run(self.lib, half).sums, native.run(self.lib, half.float()).sums)
             )
             if not ok:
                 log.error("the native temperature kernel disagrees with PyTorch at C=%d; using PyTorch", c)

@@ -13,6 +13,7 @@ engine computes the same sums with PyTorch (moments.py), logged once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -25,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,9 +136,6 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     except OSError as exc:  # e.g. a temporary directory mounted noexec
         log.warning("loading %s failed (%s); its sums run in PyTorch", target, exc)
         return None
-    for fn in (lib.rest_moments, lib.rest_moments_bf16):
-        fn.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P]
-        fn.restype = None
     for fn in (lib.row_pass, lib.row_pass_bf16):
         fn.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P]
         fn.restype = None
@@ -144,69 +143,65 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     return lib
 
 
-def run(lib: ctypes.CDLL, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sums [n, G, 3], row max [n], max of the rest [n], first argmax [n] int32) of a contiguous
-    float32 or bfloat16 CPU block (bfloat16 is widened inside the loop, never copied); rows are split
+@dataclass(frozen=True)
+class Output:
+    """What the kernel returns for a block of n rows: the model's sums [n, G, 3] (S0, S1, S2 at each
+    grid point), the row maximum, the largest other score, the first index of the maximum, and with
+    labels the rest of the row pass: stats [n, 4] (nll, confidence, brier, entropy), ints [n, 3]
+    (pred, rank, ties) and the logsumexp [n]."""
+
+    sums: torch.Tensor
+    row_max: torch.Tensor
+    rest_max: torch.Tensor
+    first: torch.Tensor
+    stats: torch.Tensor | None = None
+    ints: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+
+def run(lib: ctypes.CDLL, z: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+    """The kernel over a contiguous float32 or bfloat16 CPU block (bfloat16 is widened inside the loop,
+    never copied): the model's sums, and with int64 ``labels`` the whole row pass. Rows are split
     across torch's intra-op thread count (ctypes releases the GIL)."""
     n, c = z.shape
-    fn = lib.rest_moments_bf16 if z.dtype == torch.bfloat16 else lib.rest_moments
-    size = z.element_size()
-    g = int(lib.rest_moments_nout())
-    sums = torch.empty((n, g, 3), dtype=torch.float32)
-    m = torch.empty(n, dtype=torch.float32)
-    m2 = torch.empty(n, dtype=torch.float32)
-    first = torch.empty(n, dtype=torch.int32)
-
-    def part(lo: int, hi: int) -> None:
-        fn(
-            z.data_ptr() + lo * c * size,
-            hi - lo,
-            c,
-            sums.data_ptr() + lo * g * 3 * 4,
-            m.data_ptr() + lo * 4,
-            m2.data_ptr() + lo * 4,
-            first.data_ptr() + lo * 4,
-        )
-
-    _split(part, n, c)
-    return sums, m, m2, first
-
-
-def run_rows(
-    lib: ctypes.CDLL, z: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whole row pass of a contiguous float32 or bfloat16 CPU block with int64 labels: (sums
-    [n, G, 3], row max, max of the rest, stats [n, 4]: nll, confidence, brier, entropy, ints [n, 3]:
-    pred, rank, ties, lse [n]); rows split across threads as in ``run``."""
-    n, c = z.shape
     fn = lib.row_pass_bf16 if z.dtype == torch.bfloat16 else lib.row_pass
-    size = z.element_size()
     g = int(lib.rest_moments_nout())
-    sums = torch.empty((n, g, 3), dtype=torch.float32)
-    m = torch.empty(n, dtype=torch.float32)
-    m2 = torch.empty(n, dtype=torch.float32)
-    first = torch.empty(n, dtype=torch.int32)
-    stats = torch.empty((n, 4), dtype=torch.float32)
-    ints = torch.empty((n, 3), dtype=torch.int32)
-    lse = torch.empty(n, dtype=torch.float32)
+    f32 = torch.float32
+    out = Output(
+        torch.empty((n, g, 3), dtype=f32),
+        torch.empty(n, dtype=f32),
+        torch.empty(n, dtype=f32),
+        torch.empty(n, dtype=torch.int32),
+    )
+    if labels is not None:
+        out = dataclasses.replace(
+            out,
+            stats=torch.empty((n, 4), dtype=f32),
+            ints=torch.empty((n, 3), dtype=torch.int32),
+            lse=torch.empty(n, dtype=f32),
+        )
+
+    def at(t: torch.Tensor | None, row: int) -> int | None:
+        """The address of ``row`` in a contiguous tensor (None stays NULL)."""
+        return None if t is None else t.data_ptr() + row * t.stride(0) * t.element_size()
 
     def part(lo: int, hi: int) -> None:
         fn(
-            z.data_ptr() + lo * c * size,
-            labels.data_ptr() + lo * 8,
+            at(z, lo),
+            at(labels, lo),
             hi - lo,
             c,
-            sums.data_ptr() + lo * g * 3 * 4,
-            m.data_ptr() + lo * 4,
-            m2.data_ptr() + lo * 4,
-            first.data_ptr() + lo * 4,
-            stats.data_ptr() + lo * 4 * 4,
-            ints.data_ptr() + lo * 3 * 4,
-            lse.data_ptr() + lo * 4,
+            at(out.sums, lo),
+            at(out.row_max, lo),
+            at(out.rest_max, lo),
+            at(out.first, lo),
+            at(out.stats, lo),
+            at(out.ints, lo),
+            at(out.lse, lo),
         )
 
     _split(part, n, c)
-    return sums, m, m2, stats, ints, lse
+    return out
 
 
 def _split(part: Callable[[int, int], None], n: int, c: int) -> None:

@@ -1,4 +1,5 @@
-/* The temperature model's row sums on the CPU (moments.py builds and calls this; curve.py uses them).
+/* The temperature model's row sums on the CPU, and with labels the whole row pass of a record
+ * (native.py builds this, moments.py calls it; curve.py uses the sums).
  *
  * For each row z of an [n, c] float32 block: m = max z, a = the first index of m, m2 = max over c != a,
  * x_c = z_c - m2 (<= 0 outside a), and for each output grid point b:
@@ -235,24 +236,13 @@ static inline __attribute__((always_inline)) void kernel(const void *z, int64_t 
 #endif
 }
 
-/* float32 scores [n, c], row-major. */
-void rest_moments(const float *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
-                  int32_t *argmax) {
-    kernel(z, n, c, sums, row_max, rest_max, argmax, 0, NULL, NULL, NULL, NULL);
-}
-
-/* bfloat16 scores [n, c], row-major (as uint16 bit patterns). */
-void rest_moments_bf16(const uint16_t *z, int64_t n, int64_t c, float *sums, float *row_max, float *rest_max,
-                       int32_t *argmax) {
-    kernel(z, n, c, sums, row_max, rest_max, argmax, 1, NULL, NULL, NULL, NULL);
-}
-
-/* The whole row pass: the sums and every per-row value of a record (labels in [0, c), checked before). */
+/* float32 scores [n, c], row-major. ``labels`` NULL: the model's sums only (stats, ints, lse unused). */
 void row_pass(const float *z, const int64_t *labels, int64_t n, int64_t c, float *sums, float *row_max,
               float *rest_max, int32_t *argmax, float *stats, int32_t *ints, float *lse) {
     kernel(z, n, c, sums, row_max, rest_max, argmax, 0, labels, stats, ints, lse);
 }
 
+/* bfloat16 scores [n, c], row-major (as uint16 bit patterns). */
 void row_pass_bf16(const uint16_t *z, const int64_t *labels, int64_t n, int64_t c, float *sums, float *row_max,
                    float *rest_max, int32_t *argmax, float *stats, int32_t *ints, float *lse) {
     kernel(z, n, c, sums, row_max, rest_max, argmax, 1, labels, stats, ints, lse);
