@@ -11,8 +11,8 @@ The engine stores L, b L' and b^2 L'' at each grid point (``log_rest``, ``rest_s
 that matches all three at both ends. Its error falls as the sixth power of the spacing: on the
 default grid (ratios 1.5-2) T* is within 2.8e-4 and the calibrated NLL within 6.8e-5 nats of the
 exact ones for Gaussian, heavy-tailed, uniform and the demo's logits with T* at 7 values between
-grid points across [0.05, 20], where the values alone (a cubic through 19 points) were off by up to 2.2e-3 and values
-with slopes (13 points) by 1.3e-3 (``python -m bench.temperature``, docs/metrics.md). The
+grid points across [0.05, 20], where the values alone (a cubic through 19 points) were off by up
+to 2.2e-3 and values with slopes (13 points) by 1.3e-3 (``python -m bench.temperature``, docs/metrics.md). The
 derivatives are float16: their rounding is random across samples and moved the calibrated NLL by a
 few 1e-6 in a float64 study.
 
