@@ -49,13 +49,6 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
         made.close()
 
 
-@pytest.fixture
-def finalizations(postgres_url: str) -> Iterator[Finalizations]:
-    listener = Finalizations(postgres_url)
-    yield listener
-    listener.close()
-
-
 def stream_ranks(
     targets: list[str], ranks: list[list[tuple[np.ndarray, np.ndarray]]], model: str, **kwargs: object
 ) -> list[RankRun]:

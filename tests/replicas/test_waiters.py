@@ -42,13 +42,6 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
         made.close()
 
 
-@pytest.fixture
-def finalizations(postgres_url: str) -> Iterator[Finalizations]:
-    listener = Finalizations(postgres_url)
-    yield listener
-    listener.close()
-
-
 def until(what: str, check: Callable[[], bool], timeout: float = PATIENCE_S) -> None:
     deadline = time.monotonic() + timeout
     while not check():
