@@ -11,23 +11,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import reserve_port
+
 READY = re.compile(r"evalstream serving grpc=(\S+)")
 CRASH_SERVER = Path(__file__).resolve().parent / "crash_server.py"
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, data_dir: Path, port: int, **settings: Any) -> Path:
@@ -78,7 +72,7 @@ class ServerProcess:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
-        self.port = port or free_port()
+        self.port = port or reserve_port()
         self.target = f"127.0.0.1:{self.port}"
         self.config = write_config(workdir / "evalstream.toml", self.data_dir, self.port, **settings)
         self.proc: subprocess.Popen[bytes] | None = None

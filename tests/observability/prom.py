@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,15 +16,10 @@ from typing import Any, TypeVar
 import yaml
 
 from tests.observability.promtools import binary
+from tests.support.ports import reserve_port
 
 T = TypeVar("T")
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "evalstream.rules.yml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, every: float = 0.25) -> T:
@@ -49,7 +43,7 @@ class Prometheus:
 
     def __init__(self, workdir: Path, target: str | Sequence[str], scrape_interval: str = "1s") -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = reserve_port()
         self.url = f"http://127.0.0.1:{self.port}"
         targets = [target] if isinstance(target, str) else list(target)
         config = {

@@ -22,7 +22,8 @@ from typing import Any
 import psycopg
 
 from evalstream.service.store.postgres import CHANNEL
-from tests.faults.harness import ServerProcess, free_port
+from tests.faults.harness import ServerProcess
+from tests.support.ports import reserve_port
 
 FAULT_SERVER = Path(__file__).resolve().parent / "fault_server.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ class Cluster:
             "shard_lease_s": 2.0,
             **settings,
         }
-        self.metrics = [f"127.0.0.1:{free_port()}" if metrics else "" for _ in range(n)]
+        self.metrics = [f"127.0.0.1:{reserve_port()}" if metrics else "" for _ in range(n)]
         self.replicas = [
             Replica(root / f"replica-{i}", **values, metrics_address=self.metrics[i]) for i in range(n)
         ]

@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.ports import reserve_port
 
 INSTALL_HINT = "tools/ensure_postgres.sh installs Debian's postgresql package"
 START_TIMEOUT_S = 60.0
@@ -44,13 +45,6 @@ def bindir() -> Path | None:
         glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3].split(".")[0])
     )
     return Path(versions[-1]).parent if versions else None
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 nobody listens on now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_as() -> str | None:
@@ -101,7 +95,7 @@ class PostgresServer:
         # leaves for a moment (its backends exiting, its shared memory detaching).
         attempts = 20 if self.port else 5
         for attempt in range(attempts):
-            port = self.port or free_port()
+            port = self.port or reserve_port()
             with open(self.log, "ab") as log:
                 self.process = subprocess.Popen(
                     [
