@@ -24,7 +24,7 @@ LAYOUT = {
     "evalstream/client": "client",
     "evalstream/__init__.py": "evalstream/__init__.py",
     "evalstream/cli.py": "evalstream/cli.py",
-    "evalstream/wire.py": "evalstream/wire.py",
+    "evalstream/wire": "evalstream/wire",
     "evalstream/py.typed": "evalstream/py.typed",
     "evalstream/v1": "evalstream/v1",
     "tests": "tests",

@@ -69,7 +69,7 @@ def tensors(draw: st.DrawFn, ndim: st.SearchStrategy[int]) -> tensor_pb2.Tensor:
 
 
 def _oracle(chunk: service_pb2.Chunk) -> bool:
-    """Does the decoder accept this chunk? Written from the protocol, not from wire.py."""
+    """Does the decoder accept this chunk? Written from the protocol, not from evalstream/wire."""
 
     def ok(t: tensor_pb2.Tensor, allowed: set[int], ndim: int) -> bool:
         if t.dtype not in allowed or len(t.shape) != ndim or any(d < 0 for d in t.shape):

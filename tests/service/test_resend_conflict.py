@@ -38,7 +38,7 @@ def _result(channel: grpc.Channel, model: str = MODEL) -> evaluation_pb2.Evaluat
 
 
 def _hand_encoded(sequence: int, data: Data) -> bytes:
-    """The chunk as the client library writes it (evalstream/wire.py, not protobuf)."""
+    """The chunk as the client library writes it (evalstream/wire/encode.py, not protobuf)."""
     scores, labels, ids = (
         WireTensor(DTYPE_CODES[a.dtype.name], a) for a in (data.scores, data.labels, data.ids)
     )

@@ -1,4 +1,4 @@
-"""evalstream/wire.py follows the .proto: its field numbers are the descriptors', under any numbering.
+"""evalstream/wire follows the .proto: its field numbers are the descriptors', under any numbering.
 
 The module writes and reads chunk requests by hand, so a field renumbered in
 proto/evalstream/v1 would silently corrupt every chunk if the module kept numbers of its own. Here
@@ -24,7 +24,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (file, message, field, new number): every field evalstream/wire.py reads or writes.
+# (file, message, field, new number): every field evalstream/wire reads or writes.
 RENUMBERED = [
     ("service.proto", "StreamEvaluationRequest", "chunk", 9),
     ("service.proto", "Chunk", "sequence", 21),
@@ -133,7 +133,7 @@ def test_the_module_follows_a_renumbered_contract(tmp_path: Path) -> None:
 def test_a_field_the_module_cannot_follow_stops_its_import(tmp_path: Path, retype: tuple[str, str]) -> None:
     proc = _run(_compile(tmp_path, {"service.proto": []}, retype))
     assert proc.returncode != 0
-    assert "changed its type or cardinality; evalstream/wire.py must follow" in proc.stderr
+    assert "changed its type or cardinality; evalstream/wire must follow" in proc.stderr
 
 
 def test_the_wire_module_needs_no_torch() -> None:
