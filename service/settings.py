@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser, published on PyPI as tomli (a dependency there)
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from evalstream.service.engine.config import BACKENDS, DEFAULT_INVERSE_TEMPERATURES, EngineConfig
 from evalstream.service.engine.registry import direction
+from evalstream.service.settings_sources import coerce_all, read_file
 from evalstream.service.store.base import StorePolicy
 from evalstream.service.store.url import store_kind
 
@@ -326,18 +319,18 @@ class Settings:
     ) -> Settings:
         """Defaults, then the file at ``path`` (.toml, .yaml/.yml), then ``EVALSTREAM_*``, then overrides."""
         values: dict[str, Any] = {}
-        if path is not None:
-            values.update(_coerce_all(read_file(Path(path)), source=str(path)))
-        env = os.environ if env is None else env
         known = _field_types()
+        if path is not None:
+            values.update(coerce_all(read_file(Path(path)), known, source=str(path)))
+        env = os.environ if env is None else env
         # Other EVALSTREAM_* variables (the client's, the token lists read by auth.py) are not settings.
         from_env = {
             key[len(ENV_PREFIX) :].lower(): value
             for key, value in env.items()
             if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in known
         }
-        values.update(_coerce_all(from_env, source="environment (EVALSTREAM_*)"))
-        values.update(_coerce_all(overrides, source="overrides"))
+        values.update(coerce_all(from_env, known, source="environment (EVALSTREAM_*)"))
+        values.update(coerce_all(overrides, known, source="overrides"))
         return cls(**values)
 
     @classmethod
@@ -351,23 +344,6 @@ class Settings:
         return out
 
 
-def read_file(path: Path) -> dict[str, Any]:
-    """A config file as a flat mapping; an ``evalstream`` table/section is unwrapped."""
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        data: Any = tomllib.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings")
-    if set(data) == {"evalstream"} and isinstance(data["evalstream"], dict):
-        data = data["evalstream"]
-    return dict(data)
-
-
 _HINTS: dict[str, Any] = {}
 
 
@@ -375,57 +351,6 @@ def _field_types() -> dict[str, Any]:
     if not _HINTS:
         _HINTS.update(typing.get_type_hints(Settings))
     return _HINTS
-
-
-def _coerce_all(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
-    types_by_name = _field_types()
-    out: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name not in types_by_name:
-            valid = ", ".join(sorted(types_by_name))
-            raise ValueError(f"unknown setting {name!r} in {source}; valid settings: {valid}")
-        try:
-            out[name] = _coerce(value, types_by_name[name])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"setting {name} from {source}: {exc}") from None
-    return out
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Turn a file or environment value into the field's type (strings come from the environment)."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(hint)
-        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-        return tuple(_coerce(v, item_type) for v in items)
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported setting type {hint}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        lowered = str(value).strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected an integer, got {value!r}")
-        try:
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        except ValueError:
-            raise ValueError(f"expected an integer, got {value!r}") from None
-    if hint is float:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str | int | float):
-            raise ValueError(f"expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported setting type {hint}")
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:
