@@ -3,7 +3,7 @@
 A chunk request is mostly two or three tensor payloads of about 1 MiB, and protobuf copies a bytes
 field each time a message is built or serialized, which for such payloads costs as much as
 everything else in the client. The bytes written here are protobuf's, byte for byte (fields in
-protobuf's order, by number); tests/service/test_wire_parser.py and test_wire_contract.py hold them
+protobuf's order, by number); tests/client/test_fast_encoding.py and test_wire_contract.py hold them
 to it. Another payload kind is one more encoder built from ``_in_order``, ``_len_parts`` and
 ``_tensor_parts``.
 """
