@@ -175,9 +175,17 @@ class Coordinator:
 
     def _warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> float:
         started = time.perf_counter()
-        self._reduction.warm_up(kernels)
+        library = self._reduction.warm_up(kernels)
         seconds = time.perf_counter() - started
-        log.info("engine warm-up: the compiler is ready after %.1f s", seconds)
+        if library:
+            log.info(
+                "engine warm-up: the native row pass is ready after %.1f s (%s, one library for every "
+                "class count and score dtype)",
+                seconds,
+                library,
+            )
+        else:
+            log.info("engine warm-up: the compiler is ready after %.1f s", seconds)
         return seconds
 
     # -- executors ----------------------------------------------------------------------------

@@ -84,15 +84,28 @@ class Reduction:
         self._reducers = ReducerPool(config)
         self._telemetry = telemetry
 
-    def warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> None:
+    def warm_up(self, kernels: tuple[tuple[int, torch.dtype], ...] = ()) -> str | None:
         """Reduce a throwaway chunk of each (class count, dtype) in ``kernels`` (or one tiny one), so
-        the compiler's start-up and those kernels are paid before any stream waits."""
+        the compiler's start-up and those kernels are paid before any stream waits.
+
+        Returns:
+            The native row pass's library file when it reduced them (then nothing was compiled per
+            class count), else None (TorchInductor's kernels, or eager).
+        """
+        library: str | None = None
         for classes, dtype in kernels or ((WARM_UP_CLASSES, torch.float32),):
             scores = torch.zeros((16, classes), dtype=dtype)
             labels = torch.zeros(16, dtype=torch.int64)
-            self._reducers.run(classes, "logits", lambda r: r.reduce(scores, labels, None))  # noqa: B023
+
+            def reduce(r: ChunkReducer) -> str | None:
+                r.reduce(scores, labels, None)  # noqa: B023 (called at once, in this iteration)
+                return r.native_library
+
+            library = self._reducers.run(classes, "logits", reduce)
             if kernels:
-                log.info("engine warm-up: kernel for %d classes, %s ready", classes, str(dtype)[6:])
+                how = "the native row pass" if library else "TorchInductor"
+                log.info("engine warm-up: kernel for %d classes, %s ready (%s)", classes, str(dtype)[6:], how)
+        return library
 
     @staticmethod
     def records(decode: Callable[[], Received]) -> Part:

@@ -163,6 +163,13 @@ class ChunkReducer:
         native row pass serves it), else "eager" (compiles on first use, as ``reduce`` would)."""
         return "compiled" if self._native_rows() or self._kernel(dtype) is not None else "eager"
 
+    @property
+    def native_library(self) -> str | None:
+        """The file of the native row pass when it reduces this reducer's chunks, else None (for logs:
+        an operator sees which pass runs and where it was built)."""
+        lib = self.moments.lib
+        return str(lib._name) if lib is not None and self._native_rows() else None
+
     def _native_rows(self) -> bool:
         """The compiled backend on the CPU runs the native row pass (rest_moments.c): one loop a row for
         every column, the temperature model's included, where inductor's kernel would leave those
