@@ -38,10 +38,14 @@ lint: evalstream/v1/service_pb2.py
 	$(MAKE) breaking
 
 # Old clients and servers must keep working with new ones: no field renumbered, retyped or removed
-# since the release (buf's FILE rules). Needs the release commit in the clone's history.
+# since the release (buf's FILE rules). Needs the release commit in the clone's history. The
+# release's proto/ is exported with git archive rather than named as buf's ".git#ref=" input: buf
+# clones that input 50 commits deep, so it stops finding the release once main moves further on.
 breaking: $(STAMP)
 	@git cat-file -e $(RELEASE)^{commit} 2>/dev/null || { echo "make breaking: commit $(RELEASE) (the last release) is not in this clone; fetch full history (git fetch --unshallow)"; exit 1; }
-	cd proto && ../$(BIN)/buf breaking --against "../.git#ref=$(RELEASE),subdir=proto"
+	rm -rf build/release && mkdir -p build/release
+	git archive $(RELEASE) proto | tar -x -C build/release
+	cd proto && ../$(BIN)/buf breaking --against ../build/release/proto
 
 typecheck: evalstream/v1/service_pb2.py
 	$(BIN)/python tools/typecheck.py
