@@ -162,7 +162,7 @@ class RestMoments:
         """The whole row pass of a CPU block on the native kernel (``has_rows``): (floats [n, 4 + 3G]:
         nll, confidence, brier, entropy and the model's columns; ints [n, 3]: pred, rank, ties; lse [n])."""
         assert self.lib is not None
-        z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
+        z = z.contiguous() if native.reads(self.lib, z.dtype) else z.float().contiguous()
         out = native.run(self.lib, z, labels.to(torch.int64).contiguous())
         assert out.stats is not None and out.ints is not None and out.lse is not None
         model = columns(out.sums, out.row_max, out.rest_max, self.grid, self.num_classes)
@@ -171,7 +171,7 @@ class RestMoments:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """[n, 3G] columns of scores [n, C] (computed in float32 from any float dtype)."""
         if self.lib is not None and z.device.type == "cpu":
-            z = z.contiguous() if z.dtype in native.DTYPES else z.float().contiguous()
+            z = z.contiguous() if native.reads(self.lib, z.dtype) else z.float().contiguous()
             out = native.run(self.lib, z)
             sums, m, m2 = out.sums, out.row_max, out.rest_max
         else:
@@ -192,13 +192,17 @@ class RestMoments:
             probe[0] = 0.0  # a constant row: ties at the maximum
             got = native.run(self.lib, probe)
             want, wm, wm2 = torch_sums(probe, self.grid)
-            half = probe.bfloat16()
+            # Half-width scores are widened in the loop: exactly their float32 upcast's sums.
+            halves = [probe.to(d) for d in (torch.bfloat16, torch.float16) if native.reads(self.lib, d)]
             ok = (
                 torch.equal(got.row_max, wm)
                 and torch.equal(got.rest_max, wm2)
                 and torch.equal(got.first.long(), probe.argmax(dim=1))
                 and torch.allclose(got.sums, want, rtol=PROBE_TOLERANCE, atol=1e-6)
-                and torch.equal(native.run(self.lib, half).sums, native.run(self.lib, half.float()).sums)
+                and all(
+                    torch.equal(native.run(self.lib, h).sums, native.run(self.lib, h.float()).sums)
+                    for h in halves
+                )
             )
             if not ok:
                 log.error("the native temperature kernel disagrees with PyTorch at C=%d; using PyTorch", c)

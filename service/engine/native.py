@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE = "rest_moments.c"
-# Score dtypes the kernel reads as they are (others are upcast to float32 first).
+# Score dtypes every build of the kernel reads as they are; float16 too where the machine converts it
+# in hardware (``reads``); others are upcast to float32 first.
 DTYPES = (torch.float32, torch.bfloat16)
 # Tried in order: the machine's full vector width, then the compiler's defaults.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -136,11 +137,18 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
     except OSError as exc:  # e.g. a temporary directory mounted noexec
         log.warning("loading %s failed (%s); its sums run in PyTorch", target, exc)
         return None
-    for fn in (lib.row_pass, lib.row_pass_bf16):
+    lib.rest_moments_nout.restype = ctypes.c_int
+    lib.rest_moments_has_f16.restype = ctypes.c_int
+    entries = [lib.row_pass, lib.row_pass_bf16] + ([lib.row_pass_f16] if lib.rest_moments_has_f16() else [])
+    for fn in entries:
         fn.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P, _P]
         fn.restype = None
-    lib.rest_moments_nout.restype = ctypes.c_int
     return lib
+
+
+def reads(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
+    """Whether ``lib`` reads scores of ``dtype`` in place (widening them in the loop, exactly)."""
+    return dtype in DTYPES or (dtype == torch.float16 and bool(lib.rest_moments_has_f16()))
 
 
 @dataclass(frozen=True)
@@ -160,11 +168,13 @@ class Output:
 
 
 def run(lib: ctypes.CDLL, z: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
-    """The kernel over a contiguous float32 or bfloat16 CPU block (bfloat16 is widened inside the loop,
-    never copied): the model's sums, and with int64 ``labels`` the whole row pass. Rows are split
-    across torch's intra-op thread count (ctypes releases the GIL)."""
+    """The kernel over a contiguous CPU block of a dtype it ``reads`` (half-width scores are widened
+    inside the loop, never copied): the model's sums, and with int64 ``labels`` the whole row pass.
+    Rows are split across torch's intra-op thread count (ctypes releases the GIL)."""
     n, c = z.shape
-    fn = lib.row_pass_bf16 if z.dtype == torch.bfloat16 else lib.row_pass
+    if not reads(lib, z.dtype):
+        raise TypeError(f"the native row pass does not read {z.dtype} here; upcast to float32")
+    fn = {torch.bfloat16: lib.row_pass_bf16, torch.float16: lib.row_pass_f16}.get(z.dtype, lib.row_pass)
     g = int(lib.rest_moments_nout())
     f32 = torch.float32
     out = Output(

@@ -26,6 +26,7 @@ from evalstream.service.engine.config import DEFAULT_INVERSE_TEMPERATURES
 from evalstream.service.engine.curve import ABOVE, BELOW, INSIDE, Curve, sample_nll
 from evalstream.service.engine.metrics import compute_metrics
 from evalstream.service.engine.moments import RestMoments, plan
+from evalstream.service.engine.native import reads as native_reads
 from evalstream.service.engine.records import FIELDS, MAGIC, MODEL_FIELDS
 from evalstream.service.engine.reducer import ChunkReducer
 from tests.engine import reference as ref
@@ -148,8 +149,10 @@ def test_native_kernel_matches_pytorch_and_float64(c: int) -> None:
     g = len(grid)
     np.testing.assert_allclose(got[:, :g], want[:, :g], rtol=3e-5, atol=3e-5)
     np.testing.assert_allclose(got[:, g:], want[:, g:], rtol=1e-4, atol=1e-4)
-    # bfloat16 scores are widened inside the loop: the columns of their float32 upcast, bit for bit.
+    # Half-width scores are widened inside the loop: the columns of their float32 upcast, bit for bit.
     assert torch.equal(native(z.bfloat16()), native(z.bfloat16().float()))
+    small = z.clamp(-6e4, 6e4)  # float16's range: -1e9 would be -inf, a score the engine refuses
+    assert torch.equal(native(small.half()), native(small.half().float()))
     exp = ref.temperature_model(z.double().numpy(), np.asarray(grid))
     for k, name in enumerate(("log_rest", "rest_slope", "rest_curvature")):
         np.testing.assert_allclose(
@@ -305,3 +308,34 @@ def test_one_temperature_without_a_curve_equals_the_curve(reducers: dict[str, Ch
     model = Curve(recs)
     for b in (0.05, 0.07, 0.3, 1.0, 1.7, 6.0, 20.0):
         np.testing.assert_allclose(sample_nll(recs, b), model.sample(b), rtol=1e-12, atol=1e-12)
+
+
+def _converts_float16_in_hardware() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " f16c" in flags or " avx512_fp16" in flags
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_scores_are_read_in_place_and_give_their_upcasts_records(dtype: torch.dtype) -> None:
+    """The native row pass reads bfloat16 and (where the machine converts it in hardware) float16
+    without a float32 copy of the block, and every column of every record is what the float32
+    upcast gives."""
+    reducer = ChunkReducer(C, EngineConfig(backend="compiled"))
+    if reducer.native_library is None:
+        pytest.skip("no native row pass on this machine (no C compiler)")
+    lib = reducer.moments.lib
+    assert lib is not None
+    if dtype == torch.float16 and _converts_float16_in_hardware():
+        assert native_reads(lib, torch.float16), "float16 is upcast although this CPU converts it"
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(300, C, generator=gen) * 3.0).to(dtype)
+    z[0] = 0.5  # a constant row: every class tied
+    z[1, :4] = z[1].max()  # a tie at the maximum
+    labels = torch.randint(0, C, (300,), generator=gen)
+    labels[1] = 2
+    half, upcast = reducer.reduce(z, labels), reducer.reduce(z.float(), labels)
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(half, name), getattr(upcast, name), err_msg=name)
