@@ -14,9 +14,10 @@ Where the work runs, so that ``add()`` never waits on a compile or a device:
   caller's current stream (no synchronization, no copy, no kernel launched on the training
   thread).
 - The stream's sender thread reduces each batch: on the CPU with the engine's eager backend
-  (the compiled kernel is opt-in, ``reduce_backend="compiled"``, and compiles on the sender
-  thread, never the training thread); on CUDA on a side stream that first waits for the
-  caller's event. The engine's outputs come back to the host asynchronously: copied
+  (the compiled one is opt-in, ``reduce_backend="compiled"``: the native row pass, or
+  TorchInductor where that cannot be built, built or compiled on the sender thread, never the
+  training thread); on CUDA on a side stream that first waits for the caller's event. The
+  engine's outputs come back to the host asynchronously: copied
   (``non_blocking``) into pinned host buffers reused from a small pool (``PinnedPool``: one
   buffer per output, grown to the largest batch, never more), then an event recorded on the side
   stream, which the sender thread waits on; so the only waits are the sender's, and the
