@@ -276,7 +276,9 @@ def _plainly_valid(arrays: dict[str, npt.NDArray[Any]], num_classes: int, max_ra
         if arr is None or arr.size == 0:
             continue
         mn, mx = float(arr.min()), float(arr.max())
-        if not (mn >= low and mx <= high and math.isfinite(mx)):
+        # Both ends finite too: log_rest's low bound is -inf, so -inf in one record beside finite
+        # ones would pass the bounds alone (a non-finite value is refused whatever its column).
+        if not (mn >= low and mx <= high and math.isfinite(mn) and math.isfinite(mx)):
             return False
     # Float columns without bounds still must be finite (NaN or an infinity makes min or max so).
     for name, arr in arrays.items():

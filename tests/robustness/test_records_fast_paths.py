@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,6 +92,20 @@ def test_the_fast_check_answers_as_the_reference_does(
         else:
             arr[row, col % arr.shape[1]] = new
     assert _verdict(check, arrays) == _verdict(check_reference, arrays)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", [c.name for c in LAYOUT.columns if c.dtype.kind == "f"])
+def test_one_non_finite_value_is_judged_as_the_reference_does(name: str, value: float) -> None:
+    """Every float column, every non-finite value, in one record of several untied ones (where the
+    fast check decides alone). A column whose lower bound is -inf (log_rest, rest_slope) once let
+    -inf through: the column's minimum was compared with the bound but not checked for finiteness."""
+    rec = _engine_records(3, 6, True, 0.5)  # scale < 1: no ties, so the fast check decides alone
+    arrays = {c.name: np.array(getattr(rec, c.name)) for c in LAYOUT.columns}
+    assert (arrays["ties"] == 0).all()
+    arrays[name][2] = value
+    assert _verdict(check, arrays) == _verdict(check_reference, arrays)
+    assert _verdict(check, arrays) is not None
 
 
 def test_the_fast_check_defers_tied_records_to_the_reference() -> None:

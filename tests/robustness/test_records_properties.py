@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +161,18 @@ def test_records_decoder_accepts_exactly_what_the_protocol_allows(
     assert expected, "invalid records accepted"
     for c in LAYOUT.columns:
         assert np.array_equal(getattr(got, c.name), getattr(rec, c.name), equal_nan=False)
+
+
+@pytest.mark.parametrize("name", ["log_rest", "rest_slope", "nll", "entropy"])
+@pytest.mark.parametrize("bad", [-np.inf, np.inf, np.nan], ids=["-inf", "inf", "nan"])
+def test_a_non_finite_value_beside_finite_records_is_refused(name: str, bad: float) -> None:
+    """The fast check once took -inf in one record's log_rest beside finite ones (its bound there is
+    -inf, and only the column's maximum was checked for finiteness): found by the property test."""
+    rec = _engine_records(seed=1, rows=3, with_ids=False)  # no ties: the fast check decides alone
+    assert not (rec.rank == 0).any() and (rec.ties == 0).all()
+    getattr(rec, name)[1] = bad
+    msg = service_pb2.StreamEvaluationRequest.FromString(encode_request(rec, LAYOUT, 0, 3, 5)).records
+    with pytest.raises(ChunkError) as refused:
+        decode_records(msg, LAYOUT, NUM_CLASSES, MAX_ROWS)
+    assert refused.value.reason == "non_finite"
+    assert name in refused.value.message and "first offending record: 1" in refused.value.message
