@@ -30,11 +30,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from evalstream.service import auth
-from evalstream.service.engine import native
-from evalstream.service.engine.reducer import resolve_device
 from evalstream.service.export_gate import ExportGate, ExportingStore
 from evalstream.service.exporter import QualityCollector
 from evalstream.service.ingest import Coordinator
+from evalstream.service.reduction import compiled_engine_note, inductor_cache_dir
 from evalstream.service.servicer import EvalStreamServicer, add_to_server
 from evalstream.service.settings import Settings
 from evalstream.service.status import FinalizedSource, ProgressSource, StoreFinalized
@@ -94,13 +93,6 @@ def check_startup(settings: Settings) -> None:
     auth.server_credentials(settings)
     auth.interceptors(settings)
     auth.metrics_tls_options(settings)
-
-
-def inductor_cache_dir() -> str:
-    """Where TorchInductor keeps compiled kernels across processes: TORCHINDUCTOR_CACHE_DIR or its default."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
 
 
 def _local_target(host: str, port: int) -> str:
@@ -200,26 +192,7 @@ class Server:
             self.coordinator.engine_backend,
         )
         if compiled:
-            warmed = ", ".join(s.warm_kernels) or "none named"
-            if resolve_device(s.device).type == "cpu" and native.c_compiler() is not None:
-                log.info(
-                    "compiled engine on the CPU: one native row pass (rest_moments.c, built once per "
-                    "machine with %s and cached) reduces every class count and score dtype, with no "
-                    "compile per kernel; TorchInductor (inductor's disk cache at %s) only if that cannot "
-                    "be built; compiling at start: %s (warm_kernels, serve --warm C:dtype)",
-                    native.c_compiler(),
-                    cache,
-                    warmed,
-                )
-            else:
-                log.info(
-                    "compiled engine: the first chunk of each class count and score dtype compiles its "
-                    "kernel (~4 s with inductor's disk cache at %s warm, ~20 s cold in a fresh process on "
-                    "2 cores); compiling at start: %s (warm_kernels, serve --warm C:dtype); "
-                    "engine_backend=eager avoids it",
-                    cache,
-                    warmed,
-                )
+            log.info("%s", compiled_engine_note(s.device, s.warm_kernels, cache))
 
     def _serve_metrics(self) -> MetricsEndpoint:
         tls = auth.metrics_tls_options(self.settings)

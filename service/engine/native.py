@@ -148,7 +148,13 @@ def _load(source: str, cc: str | None, key: str) -> ctypes.CDLL | None:
 
 def reads(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
     """Whether ``lib`` reads scores of ``dtype`` in place (widening them in the loop, exactly)."""
-    return dtype in DTYPES or (dtype == torch.float16 and bool(lib.rest_moments_has_f16()))
+    return dtype in DTYPES or (dtype == torch.float16 and _reads_float16(lib))
+
+
+@functools.cache
+def _reads_float16(lib: ctypes.CDLL) -> bool:
+    """Whether this build converts float16 in hardware (asked once a library, not once a block)."""
+    return bool(lib.rest_moments_has_f16())
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import torch
 
 from evalstream.service.engine import fused
 from evalstream.service.engine.reducer import ChunkReducer
-from evalstream.service.server import BackgroundServer, inductor_cache_dir
+from evalstream.service.reduction import inductor_cache_dir
+from evalstream.service.server import BackgroundServer
 from tests.support.servers import small_settings
 
 pytestmark = pytest.mark.skipif(not fused.compiler_available(), reason="no C++ compiler for inductor")

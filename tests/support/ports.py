@@ -60,12 +60,12 @@ def reserve_port(low: int = LOWEST, high: int | None = None) -> int:
     Raises:
         RuntimeError: no such port was found in 1,000 draws.
     """
-    high = ephemeral_low() if high is None else high
-    if high - low < 1 or (high - low < 1_000 and low == LOWEST):
-        # An unusual range setting leaves no room below it: fall back to the kernel's choice.
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+    if high is None:
+        high = ephemeral_low()
+        if high - low < 1_000:  # an unusual range setting leaves no room below it: the kernel's choice
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                return int(s.getsockname()[1])
     with _lock:
         for _ in range(1_000):
             port = _draw.randrange(low, high)
